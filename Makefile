@@ -1,0 +1,38 @@
+# One command per job; each sets itself up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup demo test bench lint format clean
+
+setup: $(STAMP)
+
+# torch and torchvision first and pinned: these versions lie on this machine's disk, any other
+# downloads gigabytes. The stamp makes a second `make setup` instant.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests
+
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf runs demo_data .pytest_cache

@@ -1,0 +1,139 @@
+"""Checkpoints: atomic files, a `latest` pointer written last, the newest `keep` kept.
+
+A checkpoint is one torch file holding every stateful piece of the run (the strategy's model,
+optimizer, scheduler and scaler; the loop position; each rank's RNG state) plus the resolved
+config, so it alone can rebuild the model (predict, export) or continue the run exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as td
+
+from distnn.config import CkptConfig
+from distnn.errors import UserError
+
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (dropout masks differ per rank)."""
+    mine = rng_state()
+    if not (td.is_initialized() and td.get_world_size() > 1):
+        return [mine]
+    states: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(states, mine)
+    return states
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary name in the same directory, fsync, rename: a crash leaves either
+    the old file or the new one, never a truncated file under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        latest = path / "checkpoints" / "latest"
+        if not latest.is_file():
+            raise UserError(f"{str(path)!r} holds no checkpoints/latest")
+        path = latest.parent / latest.read_text().strip()
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        # weights_only=False: the checkpoint holds RNG states and numpy arrays, and is our own.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint {str(path)!r} cannot be read: {type(e).__name__}") from None
+
+
+class Manager:
+    def __init__(self, cfg: CkptConfig, run_dir: Path, writes: bool) -> None:
+        self.cfg = cfg
+        self.dir = Path(run_dir) / "checkpoints"
+        self.writes = writes
+        self.last_saved_step = -1
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step_{step:08d}.pt"
+
+    def save(self, state: dict[str, Any], step: int) -> Path | None:
+        """Rank 0 writes; all ranks must call (RNG states are gathered from every rank)."""
+        state = {**state, "rng": gather_rng_states()}
+        self.last_saved_step = step
+        if not self.writes:
+            return None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.path(step)
+        atomic_save(state, path)
+        atomic_write_text(path.name + "\n", self.dir / "latest")
+        for old in self.saved()[: -self.cfg.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def saved(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name))
+
+    def restore(self) -> dict[str, Any] | None:
+        """The checkpoint `ckpt.resume` names: none for `never`, the newest readable one in
+        this run for `auto` (skipping unreadable ones with a warning), or a given path."""
+        if self.cfg.resume == "never":
+            return None
+        if self.cfg.resume != "auto":
+            return load_file(self.cfg.resume)
+        for path in reversed(self.saved()):
+            try:
+                return load_file(path)
+            except UserError as e:
+                warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+        return None
+
+
+def restore_rng(state: dict[str, Any], rank: int) -> None:
+    states = state["rng"]
+    if rank < len(states):
+        set_rng_state(states[rank])

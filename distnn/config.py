@@ -1,0 +1,352 @@
+"""Typed configuration: nested dataclasses, YAML presets, dotted `key=value` overrides.
+
+Every default lives here, once. `load()` is the only way a Config is made from user input, so
+every key and value the trainer sees has been checked against these declarations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distnn.errors import UserError
+
+
+def _f(default: Any, help: str) -> Any:
+    """A field with its help text; the help feeds `--help-config` and the README table."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("default", "run name; the run directory is <run.dir>/<run.name>/")
+    dir: str = _f("runs", "parent directory of run directories")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("tutorial_cnn", "zoo name (python -m distnn.models lists them) or tv:<name>")
+    num_classes: int | None = _f(None, "classes; default: from the data")
+    channels_last: bool = _f(False, "NHWC memory format (faster convs on CUDA tensor cores)")
+    compile: bool = _f(False, "torch.compile the model")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "cifar10", "cifar100", "imagefolder"] = _f(
+        "synthetic", "where samples come from"
+    )
+    root: str = _f("data", "dataset directory (cifar-10-batches-py's parent, or train/ val/)")
+    image_size: int = _f(32, "side of the square training crop, pixels")
+    workers: int = _f(4, "DataLoader worker processes per rank")
+    prefetch_factor: int = _f(2, "batches each worker loads ahead")
+    download: bool = _f(False, "download CIFAR with torchvision when missing (needs internet)")
+    synthetic_train: int = _f(2048, "synthetic: training samples")
+    synthetic_val: int = _f(512, "synthetic: validation samples")
+    synthetic_classes: int = _f(10, "synthetic: number of classes")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = _f("sgd", "optimizer")
+    lr: float = _f(0.1, "peak learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(False, "SGD Nesterov momentum")
+    weight_decay: float = _f(5e-4, "weight decay (never applied to norm layers and biases)")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW epsilon")
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["cosine", "step", "constant"] = _f("cosine", "LR schedule after warmup")
+    warmup_steps: int = _f(0, "linear warmup, in optimizer steps")
+    min_lr_ratio: float = _f(0.0, "cosine: final LR as a fraction of optim.lr")
+    step_size: int = _f(0, "step: optimizer steps between decays (0: a third of the run)")
+    gamma: float = _f(0.1, "step: decay factor")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _f(128, "per-process micro-batch")
+    accum_steps: int = _f(1, "micro-batches per optimizer step")
+    epochs: int = _f(1, "passes over the training set")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: run all epochs)")
+    seed: int = _f(0, "seed of weights, sample order and augmentation")
+    log_every: int = _f(10, "optimizer steps between metric records")
+    label_smoothing: float = _f(0.0, "cross-entropy label smoothing")
+    clip_grad_norm: float = _f(0.0, "clip the global gradient norm to this (0: off)")
+    eval_every: int = _f(1, "epochs between evaluations (the last epoch always evaluates)")
+    deterministic: bool = _f(False, "deterministic kernels (slower)")
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = _f("auto", "auto: nccl on CUDA, gloo on CPU")
+    timeout_s: float = _f(600.0, "timeout of process-group setup and every collective")
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["auto", "single"] = _f("auto", "auto: ddp above one process, else single")
+
+
+@dataclass
+class CkptConfig:
+    every_steps: int = _f(0, "checkpoint every N optimizer steps (0: off)")
+    epoch_end: bool = _f(True, "checkpoint at the end of every epoch")
+    keep: int = _f(3, "checkpoints kept (the newest)")
+    resume: str = _f("auto", "auto (newest valid in the run dir) | never | PATH")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = _f(
+        "disabled", "W&B logging (auto: online with credentials, else offline)"
+    )
+    project: str = _f("distnn", "W&B project")
+
+
+@dataclass
+class LogConfig:
+    progress: Literal["auto", "bar", "lines", "off"] = _f(
+        "auto", "console: auto = progress bar on a TTY, plain lines otherwise"
+    )
+    wandb: WandbConfig = _section(WandbConfig, "Weights & Biases")
+
+
+@dataclass
+class Config:
+    run: RunConfig = _section(RunConfig, "run identity and location")
+    model: ModelConfig = _section(ModelConfig, "network")
+    data: DataConfig = _section(DataConfig, "dataset and loading")
+    optim: OptimConfig = _section(OptimConfig, "optimizer")
+    sched: SchedConfig = _section(SchedConfig, "learning-rate schedule")
+    train: TrainConfig = _section(TrainConfig, "loop")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "autocast dtype (fp16 needs CUDA)")
+    dist: DistConfig = _section(DistConfig, "process group")
+    strategy: StrategyConfig = _section(StrategyConfig, "how work is split across processes")
+    ckpt: CkptConfig = _section(CkptConfig, "checkpoints and resume")
+    log: LogConfig = _section(LogConfig, "console and trackers")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+
+# --- conversion ----------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` to `tp` or raise a one-line UserError naming the key and the type."""
+
+    def bad() -> UserError:
+        return UserError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}")
+
+    if isinstance(tp, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(value, arm, key)
+            except UserError:
+                pass
+        raise bad()
+    if typing.get_origin(tp) is Literal:
+        if value not in typing.get_args(tp):
+            raise bad()
+        return value
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):  # `key=a,b` on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise bad()
+        return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        try:  # YAML reads 1e3 as a string; accept it when it is whole
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise bad() from None
+        if not as_float.is_integer():
+            raise bad()
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad() from None
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> UserError:
+    hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+    scope = key.rsplit(".", 1)[0] if "." in key else "the top level"
+    return UserError(
+        f"unknown config key {key!r}{maybe}; valid keys in {scope}: {', '.join(valid)}"
+    )
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise _unknown_key(key, names)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"config key {key!r} is a section; set its keys as {key}.<key>")
+            kwargs[name] = _build(tp, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"config key {'.'.join(parents[: i + 1])!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {text!r} is not key=value (e.g. optim.lr=0.1)")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    return validate(_build(Config, values, ""))
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides, checked at every level."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            reason = str(e).replace("\n", " ")
+            raise UserError(f"config file {str(path)!r} is not valid YAML: {reason}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"config file {str(path)!r} must hold a mapping of sections")
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return from_dict(tree)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that span a single value's type: ranges and combinations."""
+    positive = {
+        "train.batch_size": cfg.train.batch_size,
+        "train.accum_steps": cfg.train.accum_steps,
+        "train.log_every": cfg.train.log_every,
+        "train.eval_every": cfg.train.eval_every,
+        "data.image_size": cfg.data.image_size,
+        "ckpt.keep": cfg.ckpt.keep,
+        "dist.timeout_s": cfg.dist.timeout_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key {key!r} must be > 0, got {value}")
+    non_negative = {
+        "train.epochs": cfg.train.epochs,
+        "train.max_steps": cfg.train.max_steps,
+        "data.workers": cfg.data.workers,
+        "sched.warmup_steps": cfg.sched.warmup_steps,
+        "ckpt.every_steps": cfg.ckpt.every_steps,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"config key {key!r} must be >= 0, got {value}")
+    if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
+        raise UserError("set train.epochs or train.max_steps above 0: the run has no steps")
+    if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
+        raise UserError(f"model.num_classes must be >= 2, got {cfg.model.num_classes}")
+    if len(cfg.optim.betas) != 2:
+        raise UserError(f"optim.betas takes two numbers, got {cfg.optim.betas}")
+    return cfg
+
+
+def help_rows(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf key, in declaration order."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += help_rows(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f"{prefix}{f.name}", _type_name(tp), repr(default), f.metadata["help"]))
+    return rows
+
+
+def help_table() -> str:
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{k}` | {t} | `{d}` | {h} |" for k, t, d, h in help_rows()]
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Optimizers and LR schedules, counted in optimizer steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from distnn.config import OptimConfig, SchedConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Decaying norm scales and biases hurts accuracy and buys no regularisation: every 0-d or
+    # 1-d parameter (BN/LN weights, biases) goes in the no-decay group.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+_OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda groups, c: torch.optim.SGD(
+        groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0
+    ),
+    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps),
+}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return _OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay), cfg)
+
+
+def lr_factor(cfg: SchedConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak LR at optimizer step `step`: linear warmup, then the schedule."""
+    warmup = cfg.warmup_steps
+    decay_steps = max(1, total_steps - warmup)
+    step_size = cfg.step_size or max(1, decay_steps // 3)
+
+    def after_warmup(t: int) -> float:
+        if cfg.name == "cosine":
+            progress = min(1.0, t / decay_steps)
+            cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+            return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos
+        if cfg.name == "step":
+            return cfg.gamma ** (t // step_size)
+        return 1.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return after_warmup(step - warmup)
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))

@@ -1,0 +1,92 @@
+"""Process group lifecycle and the few collectives the loop needs, all with timeouts."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as td
+
+from distnn.config import DistConfig
+from distnn.parallel.env import Env
+
+
+def device_for(env: Env) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device, cfg: DistConfig) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init(env: Env, cfg: DistConfig) -> torch.device:
+    """Pick this rank's device and, above one process, join the process group."""
+    device = device_for(env)
+    if device.type == "cuda":
+        # Before init: NCCL binds its communicator to the current device.
+        torch.cuda.set_device(device)
+    if env.distributed and not td.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        td.init_process_group(
+            backend=backend_for(device, cfg),
+            init_method="env://",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return device
+
+
+def teardown() -> None:
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(env: Env, cfg: DistConfig) -> Iterator[torch.device]:
+    """init on entry, destroy on every exit path: a rank that raises must not leave peers
+    waiting on a group that never closes."""
+    try:
+        yield init(env, cfg)
+    finally:
+        teardown()
+
+
+def world_size() -> int:
+    return td.get_world_size() if td.is_initialized() else 1
+
+
+def rank() -> int:
+    return td.get_rank() if td.is_initialized() else 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum across ranks in place (identity in a single process)."""
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.all_reduce(t, op=td.ReduceOp.SUM)
+    return t
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """Whether every rank says yes: one small all_reduce, used at step boundaries only."""
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    return all_reduce_sum(t).item() == 0.0
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return all_reduce_sum(t).item() > 0.0
+
+
+def barrier() -> None:
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.barrier()

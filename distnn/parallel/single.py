@@ -1,0 +1,81 @@
+"""One process owns the whole model: the base that DDP extends with gradient reduction."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from distnn.precision import Precision
+
+
+class SingleProcess:
+    def __init__(self, precision: Precision) -> None:
+        self.precision = precision
+        self.scaler = precision.grad_scaler()
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+
+    def setup(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> nn.Module:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        return self.wrap(model)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the scaled one
+        return nn.utils.clip_grad_norm_(
+            self.model.parameters(), max_norm if max_norm > 0 else math.inf, foreach=True
+        )
+
+    def step(self) -> torch.Tensor:
+        if self.scaler is None:
+            self.optimizer.step()
+            stepped = torch.ones((), dtype=torch.bool)
+        else:
+            # The scale only shrinks when an overflow made the scaler skip the step; comparing
+            # the tensors tells which without a host sync.
+            before = self.scaler._scale.clone()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler._scale >= before
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stepped
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def unwrap(self) -> nn.Module:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.unwrap().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unwrap().load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])

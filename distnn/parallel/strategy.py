@@ -1,0 +1,40 @@
+"""The interface between the training loop and how work is spread over processes."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class Strategy(Protocol):
+    """What engine.py calls; it never asks which strategy it holds."""
+
+    def setup(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> nn.Module:
+        """Wrap the model for this strategy; return the module to call forward on."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Context for micro-batches whose gradients must not be reduced yet."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global gradient norm before clipping (max_norm <= 0: measure only), as a tensor."""
+
+    def step(self) -> torch.Tensor:
+        """Optimizer (and scheduler) step and zero_grad; a bool tensor, false where an fp16
+        overflow skipped the step. A tensor, so callers sync only when they log."""
+
+    def lr(self) -> float:
+        """The current learning rate (first parameter group)."""
+
+    def unwrap(self) -> nn.Module:
+        """The plain model, as the zoo built it."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -1,0 +1,114 @@
+"""Train a model: `python -m distnn.train` (one process) or `torchrun -m distnn.train` (many).
+
+python -m distnn.train --config configs/cifar10_resnet18.yaml optim.lr=0.05 train.epochs=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from distnn import checkpoint, config, data, models, monitor, optim, parallel
+from distnn import precision as precision_lib
+from distnn.config import Config
+from distnn.engine import Engine, total_steps
+from distnn.errors import UserError, cli
+from distnn.parallel import dist
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def num_classes(cfg: Config, classes: list[str]) -> int:
+    if cfg.model.num_classes is not None and cfg.model.num_classes != len(classes):
+        raise UserError(
+            f"model.num_classes={cfg.model.num_classes} does not match the data: "
+            f"data.source={cfg.data.source} has {len(classes)} classes"
+        )
+    return len(classes)
+
+
+def configure_kernels(cfg: Config, device: torch.device) -> None:
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    # Everything that can be wrong with the input is checked before a process group forms.
+    env = parallel.detect()
+    device = dist.device_for(env)
+    precision = precision_lib.build(cfg.precision, device)
+    configure_kernels(cfg, device)
+    loaders = data.build(cfg, env, pin_memory=device.type == "cuda")
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    model = models.build(cfg.model.name, num_classes(cfg, loaders.classes), cfg.data.image_size)
+    model = model.to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps = total_steps(cfg, loaders)
+    optimizer = optim.build_optimizer(model, cfg.optim)
+    scheduler = optim.build_scheduler(optimizer, cfg.sched, steps)
+
+    with dist.process_group(env, cfg.dist):
+        strategy = parallel.build(cfg, env, device, precision)
+        forward = strategy.setup(model, optimizer, scheduler)
+        if cfg.model.compile:
+            forward = torch.compile(forward)
+        seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
+        ckpt = checkpoint.Manager(cfg.ckpt, cfg.run_dir, env.is_main)
+        state = ckpt.restore()
+        start = state["position"]["step"] if state else 0
+        run = monitor.Run(cfg, env, steps, start)
+        try:
+            engine = Engine(cfg, strategy, forward, loaders, precision, device, run, ckpt)
+            if state is not None:
+                engine.load_state_dict(state)
+                run.message(f"resumed at step {start} from {ckpt.dir}")
+            summary = engine.fit()
+            run.summary(summary)
+            top1 = summary.get("val_top1", float("nan"))
+            run.message(f"done: {summary['steps']} steps, val_top1 {top1:.4f} -> {cfg.run_dir}")
+        finally:
+            run.close()
+    return summary
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m distnn.train",
+        description="Train an image classifier; overrides are dotted key=value pairs.",
+    )
+    p.add_argument("--config", help="YAML preset (configs/*.yaml); defaults apply without it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    p.add_argument("--help-config", action="store_true", help="list every config key, exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.help_config:
+        print(config.help_table())
+        return
+    cfg = config.load(args.config, args.overrides)
+    if args.print_config:
+        print(config.to_yaml(cfg), end="")
+        return
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
