@@ -137,3 +137,8 @@ def restore_rng(state: dict[str, Any], rank: int) -> None:
     states = state["rng"]
     if rank < len(states):
         set_rng_state(states[rank])
+
+
+def model_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The plain model state_dict inside a checkpoint (or an export, which is only that)."""
+    return state["strategy"]["model"] if "strategy" in state else state["model"]

@@ -51,6 +51,7 @@ class DataConfig:
     )
     root: str = _f("data", "dataset directory (cifar-10-batches-py's parent, or train/ val/)")
     image_size: int = _f(32, "side of the square training crop, pixels")
+    hflip: bool = _f(True, "random horizontal flips in training (off for digits, text)")
     workers: int = _f(4, "DataLoader worker processes per rank")
     prefetch_factor: int = _f(2, "batches each worker loads ahead")
     download: bool = _f(False, "download CIFAR with torchvision when missing (needs internet)")
@@ -162,6 +163,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_BOOL_WORDS = {False: ("off", "false", "no"), True: ("on", "true", "yes")}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert `value` to `tp` or raise a one-line UserError naming the key and the type."""
 
@@ -180,7 +184,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise bad()
     if typing.get_origin(tp) is Literal:
-        if value not in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads `off`/`on`/`no` as booleans
+            spelled = [w for w in _BOOL_WORDS[value] if w in choices]
+            value = spelled[0] if spelled else value
+        if value not in choices:
             raise bad()
         return value
     if typing.get_origin(tp) is list:

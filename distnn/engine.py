@@ -179,7 +179,7 @@ class Engine:
         self.images_per_sec = rates["images_per_sec"]
         record = {
             "step": self.pos.step,
-            "epoch": self.pos.epoch + self.pos.batch / self.loaders.steps_per_epoch,
+            "epoch": round(self.pos.epoch + self.pos.batch / self.loaders.steps_per_epoch, 4),
             "loss": loss,
             "lr": self.strategy.lr(),
             **rates,

@@ -63,6 +63,9 @@ def _loader(reader: BatchReader, order, cfg: Config, pin: bool) -> DataLoader:
         pin_memory=pin,
         persistent_workers=workers > 0,
         prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
+        # Its own generator: a new iterator draws a worker seed, and drawing it from the global
+        # RNG would shift dropout masks after a resume. Augmentation is seeded per sample.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
 
 
@@ -83,7 +86,7 @@ def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
             f"{len(ds.train)} training samples make no full global batch of {global_batch} "
             f"(train.batch_size × world size × train.accum_steps); lower train.batch_size"
         )
-    train_reader = BatchReader(ds.train, size, TrainTransform(size, cfg.train.seed))
+    train_reader = BatchReader(ds.train, size, TrainTransform(size, cfg.train.seed, cfg.data.hflip))
     val_reader = BatchReader(ds.val, size, EvalTransform(size))
     val_order = EvalBatches(len(ds.val), cfg.train.batch_size, env.world_size, env.rank)
     return Loaders(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from distnn.config import DataConfig
 from distnn.errors import UserError
@@ -72,12 +73,19 @@ class Dataset:
     std: tuple[float, float, float]
 
 
+def decode(data: bytes) -> torch.Tensor:
+    """Encoded image bytes → uint8 RGB tensor, 3 × H × W (PIL: maintained, every format;
+    torchvision.io's decoders are deprecated since 0.29)."""
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = np.array(img.convert("RGB"))  # a writable copy, as torch wants
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
 def read_image(path: Path) -> torch.Tensor:
-    """Decode any PNG/JPEG/WEBP/GIF file to uint8 RGB, or a UserError naming the file."""
+    """Decode an image file, or raise a UserError naming the file."""
     try:
-        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except (OSError, RuntimeError, ValueError) as e:
+        return decode(Path(path).read_bytes())
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot read image {str(path)!r}: {reason}") from None
 

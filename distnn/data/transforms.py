@@ -69,14 +69,16 @@ def _random_resized_crop(
 class TrainTransform:
     """Augment sample `index` of `epoch`. A class, not a closure: workers may be spawned."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
+    def __init__(self, size: int, seed: int, hflip: bool = True) -> None:
+        self.size, self.seed, self.hflip = size, seed, hflip
 
     def __call__(self, img: torch.Tensor, index: int, epoch: int) -> torch.Tensor:
         rng = random.Random(f"{self.seed}:{epoch}:{index}")
         if self.size <= SMALL:
-            return _flip(_pad_crop(img, self.size, rng), rng)
-        return _flip(_random_resized_crop(img, self.size, rng), rng)
+            img = _pad_crop(img, self.size, rng)
+        else:
+            img = _random_resized_crop(img, self.size, rng)
+        return _flip(img, rng) if self.hflip else img
 
 
 class EvalTransform:

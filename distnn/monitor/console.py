@@ -18,7 +18,7 @@ from rich.progress import (
 
 
 def _fmt(record: dict[str, Any]) -> str:
-    parts = [f"epoch {record['epoch']}"]
+    parts = [f"epoch {record['epoch']:.2f}"]
     for key, label, spec in (
         ("loss", "loss", ".4f"),
         ("lr", "lr", ".3g"),
