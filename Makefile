@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench lint format clean
+.PHONY: setup demo test bench lint format clean readme
 
 setup: $(STAMP)
 
@@ -36,3 +36,6 @@ format: setup
 
 clean:
 	rm -rf runs demo_data .pytest_cache
+
+readme: setup
+	$(BIN)/python scripts/update_readme.py
