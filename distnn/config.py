@@ -69,6 +69,8 @@ class OptimConfig:
     weight_decay: float = _f(5e-4, "weight decay (never applied to norm layers and biases)")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     eps: float = _f(1e-8, "AdamW epsilon")
+    scale_lr: bool = _f(False, "scale lr by global batch / base_batch (linear scaling rule)")
+    base_batch: int = _f(256, "global batch at which optim.lr applies unscaled")
 
 
 @dataclass
@@ -83,6 +85,7 @@ class SchedConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = _f(128, "per-process micro-batch")
+    global_batch: int = _f(0, "if set: batch_size = global_batch / (world size × accum_steps)")
     accum_steps: int = _f(1, "micro-batches per optimizer step")
     epochs: int = _f(1, "passes over the training set")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: run all epochs)")
@@ -102,7 +105,13 @@ class DistConfig:
 
 @dataclass
 class StrategyConfig:
-    name: Literal["auto", "single"] = _f("auto", "auto: ddp above one process, else single")
+    name: Literal["auto", "single", "ddp"] = _f("auto", "auto: ddp above one process, else single")
+    bucket_cap_mb: float = _f(25.0, "ddp: gradient bucket size, MiB")
+    gradient_as_bucket_view: bool = _f(True, "ddp: gradients alias the buckets (saves a copy)")
+    static_graph: bool = _f(False, "ddp: the graph is the same every step (enables optimisations)")
+    find_unused_parameters: bool = _f(False, "ddp: allow parameters that get no gradient")
+    broadcast_buffers: bool = _f(True, "ddp: rank 0's buffers (BN stats) sent every forward")
+    sync_batchnorm: bool = _f(False, "ddp: convert BatchNorm to SyncBatchNorm")
 
 
 @dataclass
@@ -316,6 +325,7 @@ def validate(cfg: Config) -> Config:
         "train.eval_every": cfg.train.eval_every,
         "data.image_size": cfg.data.image_size,
         "ckpt.keep": cfg.ckpt.keep,
+        "optim.base_batch": cfg.optim.base_batch,
         "dist.timeout_s": cfg.dist.timeout_s,
     }
     for key, value in positive.items():
@@ -327,6 +337,7 @@ def validate(cfg: Config) -> Config:
         "data.workers": cfg.data.workers,
         "sched.warmup_steps": cfg.sched.warmup_steps,
         "ckpt.every_steps": cfg.ckpt.every_steps,
+        "train.global_batch": cfg.train.global_batch,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -338,6 +349,26 @@ def validate(cfg: Config) -> Config:
     if len(cfg.optim.betas) != 2:
         raise UserError(f"optim.betas takes two numbers, got {cfg.optim.betas}")
     return cfg
+
+
+def for_world(cfg: Config, world_size: int) -> Config:
+    """The config as this world size runs it: batch_size derived from train.global_batch."""
+    t = cfg.train
+    if t.global_batch == 0:
+        return cfg
+    per_step = world_size * t.accum_steps
+    if t.global_batch % per_step:
+        raise UserError(
+            f"train.global_batch={t.global_batch} is not divisible by world size {world_size} "
+            f"× train.accum_steps {t.accum_steps}; use a multiple of {per_step}"
+        )
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(t, batch_size=t.global_batch // per_step)
+    )
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    return cfg.train.batch_size * cfg.train.accum_steps * world_size
 
 
 def help_rows(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:

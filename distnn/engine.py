@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distnn import checkpoint
+from distnn import checkpoint, faults
 from distnn import config as config_lib
 from distnn.config import Config
 from distnn.data import Loaders
@@ -65,6 +65,8 @@ class Engine:
         self.last_val: dict[str, float] = {}
         self.last_train_loss = math.nan
         self.images_per_sec = math.nan
+        self.fault = faults.from_env()
+        self.rank = dist.rank()
 
     def _batches(self, loader: Any) -> DevicePrefetcher:
         return DevicePrefetcher(
@@ -156,6 +158,8 @@ class Engine:
             self.strategy.step()
             self.pos.step += 1
             self.meter.add(images)
+            if self.fault is not None:
+                self.fault.check(self.pos.step, self.rank)
             if log_now:
                 self._log_train(loss_sum, micro_count, grad_norm)
                 loss_sum.zero_()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -32,7 +33,12 @@ _OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer
 }
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
+    return cfg.lr * global_batch / cfg.base_batch if cfg.scale_lr else cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
+    cfg = dataclasses.replace(cfg, lr=peak_lr(cfg, global_batch))
     return _OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay), cfg)
 
 

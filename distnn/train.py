@@ -48,6 +48,7 @@ def configure_kernels(cfg: Config, device: torch.device) -> None:
 def train(cfg: Config) -> dict[str, Any]:
     # Everything that can be wrong with the input is checked before a process group forms.
     env = parallel.detect()
+    cfg = config.for_world(cfg, env.world_size)
     device = dist.device_for(env)
     precision = precision_lib.build(cfg.precision, device)
     configure_kernels(cfg, device)
@@ -58,7 +59,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps = total_steps(cfg, loaders)
-    optimizer = optim.build_optimizer(model, cfg.optim)
+    optimizer = optim.build_optimizer(model, cfg.optim, config.global_batch(cfg, env.world_size))
     scheduler = optim.build_scheduler(optimizer, cfg.sched, steps)
 
     with dist.process_group(env, cfg.dist):

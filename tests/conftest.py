@@ -36,3 +36,200 @@ def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None, env: dict
         cwd=cwd or ROOT,
         env=full_env,
     )
+
+
+# --- datasets in their official on-disk formats -----------------------------------------------
+
+
+def _cifar_images(rng, n: int, first: int):
+    """n random CIFAR rows (N × 3072 uint8: 1024 red, 1024 green, 1024 blue values, row-major).
+
+    The channels use disjoint value ranges (red high, green middle, blue low) so a channel swap
+    shows, and each row's first two red bytes hold its global index (`first` + row), so a sample
+    read back from the wrong place shows too."""
+    import numpy as np
+
+    red = rng.integers(160, 256, (n, 1024))
+    green = rng.integers(80, 160, (n, 1024))
+    blue = rng.integers(0, 80, (n, 1024))
+    data = np.concatenate([red, green, blue], axis=1).astype(np.uint8)
+    index = np.arange(first, first + n)
+    data[:, 0] = 160 + index % 96
+    data[:, 1] = 160 + index // 96 % 96
+    return data
+
+
+def _dump_pickle(path: Path, obj) -> None:
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)  # what the published archives use
+
+
+def write_cifar(root: Path, name: str = "cifar10", per_batch: int = 20, seed: int = 0) -> dict:
+    """Write a small CIFAR-10 or CIFAR-100 in the exact layout of the official python archives.
+
+    cifar10: root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
+    cifar100: root/cifar-100-python/{train, test, meta}
+    Every file is a protocol-2 pickle of a dict with bytes keys. Each cifar10 batch holds
+    `per_batch` samples (train: 5 of them); cifar100's train file holds 5 × per_batch.
+
+    Returns what was written: dir, classes, train_data/val_data (N × 3072 uint8),
+    train_labels/val_labels (lists of int; cifar100: the fine labels) and, for cifar100,
+    coarse_classes and train_coarse/val_coarse.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_train, n_val = 5 * per_batch, per_batch
+    train_data = _cifar_images(rng, n_train, 0)
+    val_data = _cifar_images(rng, n_val, n_train)
+
+    def filenames(split: str, n: int, first: int) -> list[bytes]:
+        return [f"{split}_{first + i:05d}.png".encode() for i in range(n)]
+
+    if name == "cifar10":
+        directory = Path(root) / "cifar-10-batches-py"
+        directory.mkdir(parents=True, exist_ok=True)
+        classes = [
+            "airplane", "automobile", "bird", "cat", "deer",
+            "dog", "frog", "horse", "ship", "truck",
+        ]  # fmt: skip
+        train_labels = rng.integers(0, 10, n_train).tolist()
+        val_labels = rng.integers(0, 10, n_val).tolist()
+        for b in range(5):
+            rows = slice(b * per_batch, (b + 1) * per_batch)
+            _dump_pickle(
+                directory / f"data_batch_{b + 1}",
+                {
+                    b"batch_label": f"training batch {b + 1} of 5".encode(),
+                    b"labels": train_labels[rows],
+                    b"data": train_data[rows],
+                    b"filenames": filenames("train", per_batch, b * per_batch),
+                },
+            )
+        _dump_pickle(
+            directory / "test_batch",
+            {
+                b"batch_label": b"testing batch 1 of 1",
+                b"labels": val_labels,
+                b"data": val_data,
+                b"filenames": filenames("test", n_val, n_train),
+            },
+        )
+        _dump_pickle(
+            directory / "batches.meta",
+            {
+                b"label_names": [c.encode() for c in classes],
+                b"num_cases_per_batch": per_batch,
+                b"num_vis": 3072,
+            },
+        )
+        return {
+            "dir": directory,
+            "classes": classes,
+            "train_data": train_data,
+            "train_labels": train_labels,
+            "val_data": val_data,
+            "val_labels": val_labels,
+        }
+
+    if name != "cifar100":
+        raise ValueError(f"write_cifar: unknown name {name!r}")
+    directory = Path(root) / "cifar-100-python"
+    directory.mkdir(parents=True, exist_ok=True)
+    coarse_classes = [f"superclass_{i:02d}" for i in range(20)]
+    classes = [f"{coarse_classes[i % 20]}_kind_{i // 20}" for i in range(100)]
+    train_labels = rng.integers(0, 100, n_train).tolist()
+    val_labels = rng.integers(0, 100, n_val).tolist()
+    train_coarse = [label % 20 for label in train_labels]
+    val_coarse = [label % 20 for label in val_labels]
+    for split, labels, coarse, data, first in (
+        ("train", train_labels, train_coarse, train_data, 0),
+        ("test", val_labels, val_coarse, val_data, n_train),
+    ):
+        _dump_pickle(
+            directory / split,
+            {
+                b"filenames": filenames(split, len(labels), first),
+                b"batch_label": f"{split}ing batch 1 of 1".encode(),
+                b"fine_labels": labels,
+                b"coarse_labels": coarse,
+                b"data": data,
+            },
+        )
+    _dump_pickle(
+        directory / "meta",
+        {
+            b"fine_label_names": [c.encode() for c in classes],
+            b"coarse_label_names": [c.encode() for c in coarse_classes],
+        },
+    )
+    return {
+        "dir": directory,
+        "classes": classes,
+        "coarse_classes": coarse_classes,
+        "train_data": train_data,
+        "train_labels": train_labels,
+        "train_coarse": train_coarse,
+        "val_data": val_data,
+        "val_labels": val_labels,
+        "val_coarse": val_coarse,
+    }
+
+
+def write_imagefolder(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog", "fox"),
+    per_class: tuple[int, int] = (3, 2),
+    size: int = 40,
+    exts: tuple[str, ...] = (".png", ".jpg", ".JPEG"),
+) -> dict:
+    """Write root/train/<class>/* and root/val/<class>/* as real image files with PIL.
+
+    Images are size high and size + 8 wide (an H/W mix-up shows), extensions cycle through
+    `exts`, and the first training image is saved as an 8-bit grayscale ('L') PNG, whatever
+    `exts` says, to exercise conversion to RGB. Pixels are smooth gradients plus a per-image
+    offset, so JPEG's loss stays small.
+
+    Returns {"classes": [...], "train": [...], "val": [...]} where each split lists
+    (path, label, expected H × W × 3 uint8 array, exact) in no particular order; `exact` is
+    True for lossless files (PNG).
+    """
+    import numpy as np
+    from PIL import Image
+
+    height, width = size, size + 8
+    yy, xx = np.mgrid[0:height, 0:width]
+    written: dict = {"classes": sorted(classes), "train": [], "val": []}
+    count = 0
+    for split, n in (("train", per_class[0]), ("val", per_class[1])):
+        for cls in classes:
+            class_dir = Path(root) / split / cls
+            class_dir.mkdir(parents=True, exist_ok=True)
+            for j in range(n):
+                offset = (count * 37) % 120
+                rgb = np.stack(
+                    [
+                        (xx * 3 + offset) % 256,
+                        (yy * 3 + 2 * offset) % 256,
+                        (xx + yy + 3 * offset) % 256,
+                    ],
+                    axis=-1,
+                ).astype(np.uint8)
+                ext = exts[j % len(exts)]
+                gray = count == 0
+                if gray:
+                    ext = ".png"
+                path = class_dir / f"{cls}_{j:03d}{ext}"
+                if gray:
+                    img = Image.fromarray(rgb[..., 0], mode="L")
+                    expected = np.repeat(rgb[..., :1], 3, axis=-1)
+                else:
+                    img = Image.fromarray(rgb, mode="RGB")
+                    expected = rgb
+                fmt = "PNG" if ext.lower() == ".png" else "JPEG"
+                img.save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+                written[split].append((path, sorted(classes).index(cls), expected, fmt == "PNG"))
+                count += 1
+    return written

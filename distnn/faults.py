@@ -1,0 +1,45 @@
+"""Fault injection, for testing what a failure does to a real run.
+
+    DISTNN_FAULT=raise@step:3,rank:1    rank 1 raises an exception after optimizer step 3
+    DISTNN_FAULT=crash@step:3,rank:1    rank 1 dies at once (os._exit), as a killed node would
+
+The fault fires only in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT=0),
+so a restarted group can show that it recovers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from distnn.errors import UserError
+
+_SPEC = re.compile(r"^(raise|crash)@step:(\d+),rank:(\d+)$")
+CRASH_EXIT_CODE = 86
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int
+
+    def check(self, step: int, rank: int) -> None:
+        if step != self.step or rank != self.rank:
+            return
+        if self.kind == "crash":
+            os._exit(CRASH_EXIT_CODE)
+        raise RuntimeError(f"injected fault (DISTNN_FAULT) on rank {rank} at step {step}")
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Fault | None:
+    env = os.environ if environ is None else environ
+    spec = env.get("DISTNN_FAULT", "")
+    if not spec or env.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    m = _SPEC.match(spec)
+    if m is None:
+        raise UserError(f"DISTNN_FAULT={spec!r} is not KIND@step:N,rank:R with KIND raise or crash")
+    return Fault(m.group(1), int(m.group(2)), int(m.group(3)))

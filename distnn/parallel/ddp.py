@@ -1,0 +1,48 @@
+"""DistributedDataParallel: every rank holds the model; gradients are averaged in buckets that
+all-reduce while backward is still running."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distnn.config import StrategyConfig
+from distnn.parallel.single import SingleProcess
+from distnn.precision import Precision
+
+# torch 2.14 renamed `broadcast_buffers` (now deprecated) to `forward_sync_buffers`.
+_SYNC_BUFFERS = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else "broadcast_buffers"
+)
+
+
+class DDP(SingleProcess):
+    def __init__(self, precision: Precision, cfg: StrategyConfig, device: torch.device) -> None:
+        super().__init__(precision)
+        self.cfg, self.device = cfg, device
+        self.ddp: DistributedDataParallel | None = None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.sync_batchnorm:
+            # Batch statistics over the global batch, not each rank's slice of it. The
+            # optimizer keeps pointing at the same parameter objects: conversion moves them.
+            self.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.ddp = DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            bucket_cap_mb=self.cfg.bucket_cap_mb,
+            gradient_as_bucket_view=self.cfg.gradient_as_bucket_view,
+            static_graph=self.cfg.static_graph,
+            find_unused_parameters=self.cfg.find_unused_parameters,
+            **{_SYNC_BUFFERS: self.cfg.broadcast_buffers},
+        )
+        return self.ddp
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return self.ddp.no_sync()
