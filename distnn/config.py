@@ -304,8 +304,23 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
         if not isinstance(tree, dict):
             raise UserError(f"config file {str(path)!r} must hold a mapping of sections")
     for text in overrides:
-        _set_dotted(tree, *parse_override(text))
+        key, value = parse_override(text)
+        if _declared_type(key) is str and not isinstance(value, str):
+            # Names and paths keep the text typed: YAML reads `run.name=0123` as 83, `1.10` as
+            # 1.1, `2024-01-01` as a date and `no` as False.
+            value = text.partition("=")[2].strip()
+        _set_dotted(tree, key, value)
     return from_dict(tree)
+
+
+def _declared_type(dotted: str) -> Any:
+    """The declared type of a dotted key, or None where it names no field."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

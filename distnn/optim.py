@@ -42,25 +42,25 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
     return _OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay), cfg)
 
 
+# Each schedule maps (steps since warmup, steps to decay over, config) to an LR multiplier.
+_SCHEDULES: dict[str, Callable[[int, int, SchedConfig], float]] = {
+    "cosine": lambda t, n, c: (
+        c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t / n)))
+    ),
+    "step": lambda t, n, c: c.gamma ** (t // (c.step_size or max(1, n // 3))),
+    "constant": lambda t, n, c: 1.0,
+}
+
+
 def lr_factor(cfg: SchedConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak LR at optimizer step `step`: linear warmup, then the schedule."""
-    warmup = cfg.warmup_steps
+    warmup, schedule = cfg.warmup_steps, _SCHEDULES[cfg.name]
     decay_steps = max(1, total_steps - warmup)
-    step_size = cfg.step_size or max(1, decay_steps // 3)
-
-    def after_warmup(t: int) -> float:
-        if cfg.name == "cosine":
-            progress = min(1.0, t / decay_steps)
-            cos = 0.5 * (1.0 + math.cos(math.pi * progress))
-            return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos
-        if cfg.name == "step":
-            return cfg.gamma ** (t // step_size)
-        return 1.0
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return after_warmup(step - warmup)
+        return schedule(step - warmup, decay_steps, cfg)
 
     return factor
 

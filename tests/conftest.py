@@ -208,15 +208,11 @@ def write_imagefolder(
             class_dir = Path(root) / split / cls
             class_dir.mkdir(parents=True, exist_ok=True)
             for j in range(n):
-                offset = (count * 37) % 120
+                offset = (count * 23) % 100
                 rgb = np.stack(
-                    [
-                        (xx * 3 + offset) % 256,
-                        (yy * 3 + 2 * offset) % 256,
-                        (xx + yy + 3 * offset) % 256,
-                    ],
-                    axis=-1,
-                ).astype(np.uint8)
+                    [offset + 3 * xx, 30 + offset + 3 * yy, 200 - offset - xx - yy], axis=-1
+                )
+                rgb = rgb.clip(0, 255).astype(np.uint8)
                 ext = exts[j % len(exts)]
                 gray = count == 0
                 if gray:
@@ -229,7 +225,9 @@ def write_imagefolder(
                     img = Image.fromarray(rgb, mode="RGB")
                     expected = rgb
                 fmt = "PNG" if ext.lower() == ".png" else "JPEG"
-                img.save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+                img.save(
+                    path, format=fmt, **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {})
+                )
                 written[split].append((path, sorted(classes).index(cls), expected, fmt == "PNG"))
                 count += 1
     return written

@@ -1,0 +1,127 @@
+"""Data parallelism is exact: real torchrun processes over gloo, compared with one process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from distnn import checkpoint, config
+from distnn.monitor import read_metrics
+from distnn.train import train
+from tests.conftest import FAST, run_cli
+
+# A small fp32 problem: tutorial_cnn (no BatchNorm, no dropout), so the math is the same
+# whatever the split; 6 optimizer steps of global batch 32.
+COMMON = [*FAST, "train.max_steps=6", "train.log_every=1", "data.synthetic_train=512",
+          "optim.lr=0.05", "ckpt.epoch_end=false", "precision=fp32"]  # fmt: skip
+
+
+def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 180):
+    return run_cli(
+        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args,
+        env=env, timeout=timeout,
+    )  # fmt: skip
+
+
+def final_state(run_dir):
+    return checkpoint.model_state(checkpoint.load_file(run_dir))
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def assert_same_params(a, b, rtol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, batch 32: what every split below must reproduce."""
+    root = tmp_path_factory.mktemp("ref")
+    cfg = config.load(None, [f"run.dir={root}", "run.name=one", *COMMON, "train.batch_size=32"])
+    train(cfg)
+    return cfg.run_dir
+
+
+@pytest.mark.timeout(240)
+def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, reference):
+    r = torchrun(2, "-m", "distnn.train", f"run.dir={tmp_path}", "run.name=two",
+                 *COMMON, "train.batch_size=16", "log.progress=lines")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "two"
+    assert_same_params(final_state(run_dir), final_state(reference))
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    # Rank 0 alone logs and writes: one run dir, one line per step, one closing line.
+    assert [p.name for p in tmp_path.iterdir()] == ["two"]
+    assert r.stdout.count("done:") == 1
+    assert sum(line.startswith("step ") for line in r.stdout.splitlines()) == 7  # 6 + eval
+
+
+def test_accumulation_equals_one_big_step_single_rank(make_cfg, reference):
+    cfg = make_cfg("run.name=accum", *COMMON, "train.batch_size=16", "train.accum_steps=2")
+    summary = train(cfg)
+    assert summary["steps"] == 6
+    assert_same_params(final_state(cfg.run_dir), final_state(reference))
+    assert losses(cfg.run_dir) == pytest.approx(losses(reference), rel=1e-5)
+
+
+@pytest.mark.timeout(240)
+def test_accumulation_on_two_ranks_reduces_once_per_step(tmp_path, reference):
+    r = torchrun(2, "tests/scripts/count_allreduce.py", f"run.dir={tmp_path}", "run.name=acc2",
+                 *COMMON, "train.batch_size=8", "train.accum_steps=2")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_params(final_state(tmp_path / "acc2"), final_state(reference))
+    # 12 micro-batches per rank, one bucket (145k params): all-reduce on the 6 final ones only.
+    counted = json.loads(r.stdout.strip().splitlines()[-1])
+    assert counted == {"allreduce_calls": 6}
+
+
+@pytest.mark.timeout(120)
+def test_exception_on_one_rank_ends_the_job(tmp_path):
+    start = time.monotonic()
+    r = torchrun(2, "-m", "distnn.train", f"run.dir={tmp_path}", *FAST, "train.epochs=5",
+                 "train.batch_size=16", "dist.timeout_s=30",
+                 env={"DISTNN_FAULT": "raise@step:3,rank:1"}, timeout=110)  # fmt: skip
+    assert r.returncode != 0
+    assert "injected fault (DISTNN_FAULT) on rank 1 at step 3" in r.stderr
+    assert time.monotonic() - start < 100
+
+
+def test_bf16_on_cpu_learns(make_cfg):
+    from distnn import precision
+
+    with precision.build("bf16", torch.device("cpu")).autocast():
+        assert torch.nn.Conv2d(3, 4, 3)(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
+    # bf16 is emulated on CPUs without avx512_bf16 (25x slower here): 16 px keeps it short.
+    cfg = make_cfg("run.name=bf16", "precision=bf16", "train.epochs=3", "train.batch_size=32",
+                   "data.synthetic_train=512", "data.synthetic_val=256", "data.image_size=16",
+                   "optim.lr=0.05", "train.log_every=4")  # fmt: skip
+    summary = train(cfg)
+    first, last = (r["loss"] for r in (read_metrics(cfg.run_dir)[0], read_metrics(cfg.run_dir)[-2]))
+    assert summary["val_top1"] >= 0.3  # chance is 0.1
+    assert last < 0.85 * first
+
+
+def test_fp16_on_cpu_is_refused_clearly(make_cfg):
+    from distnn.errors import UserError
+
+    with pytest.raises(UserError, match=r"precision 'fp16' needs a CUDA device.*bf16"):
+        train(make_cfg("precision=fp16"))
+
+
+def test_global_batch_not_divisible_by_world_is_refused(make_cfg):
+    from distnn.errors import UserError
+
+    cfg = make_cfg("train.global_batch=100", "train.accum_steps=3")
+    assert config.for_world(make_cfg("train.global_batch=96", "train.accum_steps=3"), 2)
+    with pytest.raises(UserError, match=r"train.global_batch=100 .* world size 2 .* multiple of 6"):
+        config.for_world(cfg, 2)
+    assert config.for_world(make_cfg("train.global_batch=96"), 4).train.batch_size == 24
