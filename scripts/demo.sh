@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The main job end to end on a real (bundled) dataset: write the digits as an ImageFolder,
-# train the tutorial CNN on 2 processes (DDP over gloo on CPU, NCCL on GPUs), evaluate, and
-# classify a few held-out images.
+# convert it to webdataset shards, train the tutorial CNN from the shards on 2 processes (DDP
+# over gloo on CPU, NCCL on GPUs), evaluate, and classify a few held-out images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=demo_data/digits
+SHARDS=demo_data/digits_shards
 RUN=demo_digits
 
 [ -d "$DATA/val" ] || python -m distnn.data.digits "$DATA"
+# A re-run verifies the finished shards and skips them.
+python -m distnn.data.shard imagefolder "$DATA" "$SHARDS" --max-count 250 --workers 2
 torchrun --standalone --nproc_per_node=2 -m distnn.train --config configs/digits.yaml \
-    data.root="$DATA" run.name="$RUN" ckpt.resume=never log.progress=lines
+    data.root="$SHARDS" run.name="$RUN" ckpt.resume=never log.progress=lines
 python - <<'PY'
 import json
 s = json.load(open("runs/demo_digits/summary.json"))

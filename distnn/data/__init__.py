@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
 
 from distnn.config import Config
-from distnn.data import sources
-from distnn.data.order import EvalBatches, Key, TrainBatches
+from distnn.data import pipeline, sources
+from distnn.data.order import EvalBatches, Key, ShardOrder, TrainBatches
+from distnn.data.pipeline import DataErrors, ShardLoader
 from distnn.data.transforms import EvalTransform, TrainTransform
 from distnn.errors import UserError
 from distnn.parallel.env import Env
@@ -38,14 +39,16 @@ class BatchReader(torch.utils.data.Dataset):
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader
-    train_order: TrainBatches
+    train: DataLoader | ShardLoader
+    val: DataLoader | ShardLoader
+    train_order: TrainBatches | ShardOrder
     classes: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     train_size: int
     val_size: int
+    # Unreadable samples skipped so far on this rank (data.on_error=skip; shards only).
+    errors: DataErrors = field(default_factory=DataErrors)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -70,6 +73,8 @@ def _loader(reader: BatchReader, order, cfg: Config, pin: bool) -> DataLoader:
 
 
 def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
+    if cfg.data.source == "shards":
+        return pipeline.build(cfg, env, pin_memory)
     ds = sources.load(cfg.data)
     size = cfg.data.image_size
     order = TrainBatches(
