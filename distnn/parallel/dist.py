@@ -33,17 +33,28 @@ def init(env: Env, cfg: DistConfig) -> torch.device:
         # Before init: NCCL binds its communicator to the current device.
         torch.cuda.set_device(device)
     if env.distributed and not td.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
         td.init_process_group(
             backend=backend_for(device, cfg),
-            init_method="env://",
+            store=_store(env, timeout),
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     return device
+
+
+def _store(env: Env, timeout: datetime.timedelta) -> td.Store:
+    """The env:// store, under a prefix of its own for each torchrun restart. After a restart
+    torchrun hands the new workers the same agent store, which still holds the failed
+    attempt's gloo addresses: without the prefix the new group dials dead ports and never
+    forms (seen with torch 2.14 under --max-restarts)."""
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    store, _, _ = next(td.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return td.PrefixStore(f"distnn/attempt_{attempt}", store)
 
 
 def teardown() -> None:
