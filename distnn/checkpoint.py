@@ -7,9 +7,13 @@ config, so it alone can rebuild the model (predict, export) or continue the run 
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
 import random
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as td
 
-from distnn.config import CkptConfig
-from distnn.errors import UserError
+from distnn.config import CkptConfig, Config
+from distnn.errors import UserError, cli
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -95,20 +99,40 @@ class Manager:
         self.dir = Path(run_dir) / "checkpoints"
         self.writes = writes
         self.last_saved_step = -1
+        self.best_value: float | None = None
+        self.restored_from: Path | None = None
 
     def path(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}.pt"
 
-    def save(self, state: dict[str, Any], step: int) -> Path | None:
+    def improves(self, metrics: dict[str, float]) -> bool:
+        """Whether these eval metrics beat the best so far (and remember them if so)."""
+        value = metrics.get(self.cfg.best_metric)
+        if value is None or not math.isfinite(value):
+            return False
+        better = max if self.cfg.best_mode == "max" else min
+        if self.best_value is not None and better(value, self.best_value) == self.best_value:
+            return False
+        self.best_value = value
+        return True
+
+    def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path | None:
         """Rank 0 writes; all ranks must call (RNG states are gathered from every rank)."""
-        state = {**state, "rng": gather_rng_states()}
+        state = {**state, "rng": gather_rng_states(), "best_value": self.best_value}
         self.last_saved_step = step
         if not self.writes:
             return None
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(step)
-        atomic_save(state, path)
-        atomic_write_text(path.name + "\n", self.dir / "latest")
+        if best or not path.exists():  # rewritten when best: it now records the best value
+            atomic_save(state, path)
+            atomic_write_text(path.name + "\n", self.dir / "latest")
+        if best:
+            # A hard link: no copy, and pruning the step file leaves best.pt intact.
+            tmp = self.dir / ".best.pt.tmp"
+            tmp.unlink(missing_ok=True)
+            os.link(path, tmp)
+            os.replace(tmp, self.dir / "best.pt")
         for old in self.saved()[: -self.cfg.keep]:
             old.unlink(missing_ok=True)
         return path
@@ -123,14 +147,36 @@ class Manager:
         this run for `auto` (skipping unreadable ones with a warning), or a given path."""
         if self.cfg.resume == "never":
             return None
-        if self.cfg.resume != "auto":
-            return load_file(self.cfg.resume)
-        for path in reversed(self.saved()):
+        candidates = [Path(self.cfg.resume)] if self.cfg.resume != "auto" else []
+        for path in candidates or reversed(self.saved()):
             try:
-                return load_file(path)
+                state = load_file(path)
             except UserError as e:
+                if candidates:
+                    raise
                 warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+                continue
+            self.restored_from = path
+            self.best_value = state.get("best_value")
+            return state
         return None
+
+
+def check_compatible(
+    state: dict[str, Any], cfg: Config, classes: list[str], path: Path | None
+) -> None:
+    """A checkpoint of another model or dataset cannot continue this run: say which key."""
+    saved = state["config"]
+    for key, now, then in (
+        ("model.name", cfg.model.name, saved["model"]["name"]),
+        ("data.image_size", cfg.data.image_size, saved["data"]["image_size"]),
+        ("number of classes", len(classes), len(state["classes"])),
+    ):
+        if now != then:
+            raise UserError(
+                f"checkpoint {str(path)!r} was trained with {key}={then}, this run has {now}; "
+                "use another run.name or ckpt.resume=never"
+            )
 
 
 def restore_rng(state: dict[str, Any], rank: int) -> None:
@@ -142,3 +188,50 @@ def restore_rng(state: dict[str, Any], rank: int) -> None:
 def model_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The plain model state_dict inside a checkpoint (or an export, which is only that)."""
     return state["strategy"]["model"] if "strategy" in state else state["model"]
+
+
+def export(source: str | Path, out: str | Path) -> Path:
+    """A plain model state_dict at OUT (loads strict into the zoo or torchvision builder) and
+    OUT with .json: what predict needs to rebuild the model and its preprocessing."""
+    state = load_file(source)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(model_state(state), out)
+    cfg = state["config"]
+    meta = {
+        "model": cfg["model"]["name"],
+        "num_classes": len(state["classes"]),
+        "image_size": cfg["data"]["image_size"],
+        "classes": list(state["classes"]),
+        "mean": list(state["mean"]),
+        "std": list(state["std"]),
+        "config": cfg,
+    }
+    atomic_write_text(json.dumps(meta, indent=2) + "\n", out.with_suffix(".json"))
+    return out
+
+
+def load_any(path: str | Path) -> dict[str, Any]:
+    """A checkpoint or run dir (load_file), or an export with its .json beside it."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return {**meta, "model": load_file(path)}
+    return load_file(path)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m distnn.checkpoint")
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write a plain state_dict (+ .json) from a checkpoint")
+    ex.add_argument("source", help="run directory or checkpoint file")
+    ex.add_argument("out", help="output .pt path")
+    args = p.parse_args(argv)
+    out = export(args.source, args.out)
+    print(f"exported {out} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

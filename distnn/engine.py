@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from distnn import checkpoint, faults
+from distnn import __version__, checkpoint, faults, preempt
 from distnn import config as config_lib
 from distnn.config import Config
 from distnn.data import Loaders
 from distnn.data.prefetch import DevicePrefetcher
+from distnn.errors import UserError
 from distnn.monitor import Run
 from distnn.monitor.throughput import Throughput
 from distnn.parallel import dist
@@ -54,6 +55,7 @@ class Engine:
     device: torch.device
     run: Run
     ckpt: checkpoint.Manager
+    preemption: preempt.Watcher
     pos: Position = dataclasses.field(default_factory=Position)
 
     def __post_init__(self) -> None:
@@ -61,12 +63,22 @@ class Engine:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.total = total_steps(self.cfg, self.loaders)
         self.steps_per_epoch = self.loaders.steps_per_epoch // t.accum_steps
-        self.meter = Throughput(dist.world_size())
+        # Memory on every read; on CUDA also TFLOP/s and MFU (FLOPs counted once, here).
+        self.meter = Throughput.for_model(
+            dist.world_size(), self.strategy.unwrap(), self.cfg.data.image_size, self.device
+        )
         self.last_val: dict[str, float] = {}
         self.last_train_loss = math.nan
         self.images_per_sec = math.nan
         self.fault = faults.from_env()
         self.rank = dist.rank()
+        self.skip_nonfinite = t.nonfinite == "skip"
+        # Meters: running sums of the current log interval, saved with checkpoints so a
+        # resumed run logs the same numbers. On the device: adding to them needs no sync.
+        self.step_loss = torch.zeros((), device=self.device)
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_count = 0
+        self.skipped = 0
 
     def _batches(self, loader: Any) -> DevicePrefetcher:
         return DevicePrefetcher(
@@ -87,16 +99,36 @@ class Engine:
             "classes": self.loaders.classes,
             "mean": self.loaders.mean,
             "std": self.loaders.std,
+            "meters": {
+                "loss_sum": self.loss_sum.item(),
+                "loss_count": self.loss_count,
+                "skipped": self.skipped,
+            },
+            "distnn_version": __version__,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.strategy.load_state_dict(state["strategy"])
+        try:
+            self.strategy.load_state_dict(state["strategy"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"checkpoint {str(self.ckpt.restored_from)!r} does not fit this run: {first}"
+            ) from None
         self.pos.load_state_dict(state["position"])
+        meters = state["meters"]
+        self.loss_sum.fill_(meters["loss_sum"])
+        self.loss_count, self.skipped = meters["loss_count"], meters["skipped"]
         checkpoint.restore_rng(state, dist.rank())
 
-    def save(self) -> None:
-        if self.ckpt.last_saved_step != self.pos.step:
-            self.ckpt.save(self.state_dict(), self.pos.step)
+    def save(self, best: bool = False) -> None:
+        if self.ckpt.last_saved_step == self.pos.step and not best:
+            return
+        if not torch.isfinite(self.loss_sum).item():  # never checkpoint a diverged model
+            raise UserError(
+                f"non-finite training loss before step {self.pos.step}; not checkpointing it"
+            )
+        self.ckpt.save(self.state_dict(), self.pos.step, best=best)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -107,11 +139,13 @@ class Engine:
         while self.pos.step < self.total and self.pos.epoch < epochs:
             self.train_epoch()
             last = self.pos.step >= self.total
+            best = False
             if last or self.pos.epoch % t.eval_every == 0:
                 self.last_val = self.evaluate()
                 self.run.log({"step": self.pos.step, "epoch": self.pos.epoch, **self.last_val})
-            if self.cfg.ckpt.epoch_end:
-                self.save()
+                best = self.ckpt.improves(self.last_val)
+            if self.cfg.ckpt.epoch_end or best:
+                self.save(best=best)
         self.save()
         return {
             "train_loss": self.last_train_loss,
@@ -124,52 +158,82 @@ class Engine:
         }
 
     def train_epoch(self) -> None:
-        t = self.cfg.train
-        accum = t.accum_steps
         self.model.train()
         self.loaders.train_order.set_epoch(self.pos.epoch, self.pos.batch)
-        loss_sum = torch.zeros((), device=self.device)
-        micro_count = 0
-        images = t.batch_size * accum
         self.meter.reset()
         batches = iter(self._batches(self.loaders.train))
-        while True:
+        while self.pos.step < self.total:
             waited = time.perf_counter()
             batch = next(batches, None)
             self.meter.add_wait(time.perf_counter() - waited)
             if batch is None:
                 break
-            x, y = batch
+            if self.run.wants_images:  # once per run: a grid of the first batch
+                self.run.log_images(batch[0], self.pos.step, self.loaders.mean, self.loaders.std)
             self.pos.batch += 1
-            final = self.pos.batch % accum == 0
-            # Non-final micro-batches only accumulate locally: no gradient all-reduce.
-            with contextlib.nullcontext() if final else self.strategy.no_sync():
-                with self.precision.autocast():
-                    loss = self.criterion(self.model(x), y)
-                self.strategy.backward(loss / accum)
-            loss_sum += loss.detach()
-            micro_count += 1
-            if not final:
-                continue
-            log_now = (self.pos.step + 1) % t.log_every == 0 or self.pos.step + 1 == self.total
-            grad_norm = None
-            if t.clip_grad_norm > 0 or log_now:
-                grad_norm = self.strategy.clip_grad_norm(t.clip_grad_norm)
-            self.strategy.step()
-            self.pos.step += 1
-            self.meter.add(images)
-            if self.fault is not None:
-                self.fault.check(self.pos.step, self.rank)
-            if log_now:
-                self._log_train(loss_sum, micro_count, grad_norm)
-                loss_sum.zero_()
-                micro_count = 0
-            if self.cfg.ckpt.every_steps and self.pos.step % self.cfg.ckpt.every_steps == 0:
-                self.save()
-            if self.pos.step >= self.total:
-                break
+            final = self.pos.batch % self.cfg.train.accum_steps == 0
+            self.forward_backward(*batch, final=final)
+            if final:
+                self.optimizer_step()
         self.pos.epoch += 1
         self.pos.batch = 0
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, final: bool) -> None:
+        accum = self.cfg.train.accum_steps
+        # Non-final micro-batches only accumulate locally: no gradient all-reduce.
+        with contextlib.nullcontext() if final else self.strategy.no_sync():
+            with self.precision.autocast():
+                loss = self.criterion(self.model(x), y)
+            if self.fault is not None:
+                loss = self.fault.corrupt(loss, self.pos.step + 1, self.rank)
+            self.strategy.backward(loss / accum)
+        self.step_loss += loss.detach()
+
+    def optimizer_step(self) -> None:
+        t = self.cfg.train
+        log_now = (self.pos.step + 1) % t.log_every == 0 or self.pos.step + 1 == self.total
+        grad_norm = None
+        if t.clip_grad_norm > 0 or log_now or self.skip_nonfinite:
+            grad_norm = self.strategy.clip_grad_norm(t.clip_grad_norm)
+        # skip mode reads the norm on the host every step (like fp16's GradScaler): a NaN or
+        # inf loss always makes the norm non-finite, so the norm alone tells.
+        if self.skip_nonfinite and not torch.isfinite(grad_norm).item():
+            self.skip_step()
+            return
+        self.strategy.step()
+        self.loss_sum += self.step_loss
+        self.loss_count += t.accum_steps
+        self.step_loss.zero_()
+        self.pos.step += 1
+        self.meter.add(t.batch_size * t.accum_steps)
+        if self.fault is not None:
+            self.fault.check(self.pos.step, self.rank)
+        if log_now:
+            self._log_train(self.loss_sum, self.loss_count, grad_norm)
+            self.loss_sum.zero_()
+            self.loss_count = 0
+            if not math.isfinite(self.last_train_loss):
+                raise UserError(
+                    f"non-finite training loss by step {self.pos.step} "
+                    "(train.nonfinite=raise); lower optim.lr, clip gradients "
+                    "(train.clip_grad_norm) or set train.nonfinite=skip"
+                )
+        if self.cfg.ckpt.every_steps and self.pos.step % self.cfg.ckpt.every_steps == 0:
+            self.save()
+        if self.preemption.poll():
+            self.save()
+            raise preempt.Preempted()
+
+    def skip_step(self) -> None:
+        self.strategy.zero_grad()
+        self.step_loss.zero_()
+        self.skipped += 1
+        self.run.message(f"skipped step {self.pos.step + 1}: non-finite gradient norm")
+        if self.skipped > self.cfg.train.max_skips:
+            raise UserError(
+                f"non-finite gradients at step {self.pos.step + 1}: {self.skipped} steps "
+                f"skipped, more than train.max_skips={self.cfg.train.max_skips}"
+            )
 
     def _log_train(
         self, loss_sum: torch.Tensor, micro_count: int, grad_norm: torch.Tensor | None
@@ -186,7 +250,8 @@ class Engine:
             "epoch": round(self.pos.epoch + self.pos.batch / self.loaders.steps_per_epoch, 4),
             "loss": loss,
             "lr": self.strategy.lr(),
-            **rates,
+            **rates,  # images/s, step time, data wait, memory; on CUDA TFLOP/s and MFU
+            "skipped_steps": self.skipped,
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)

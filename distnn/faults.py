@@ -2,6 +2,7 @@
 
     DISTNN_FAULT=raise@step:3,rank:1    rank 1 raises an exception after optimizer step 3
     DISTNN_FAULT=crash@step:3,rank:1    rank 1 dies at once (os._exit), as a killed node would
+    DISTNN_FAULT=nan@step:3,rank:1      rank 1's loss in step 3 is NaN (a diverging batch)
 
 The fault fires only in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT=0),
 so a restarted group can show that it recovers.
@@ -9,29 +10,41 @@ so a restarted group can show that it recovers.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
+
 from distnn.errors import UserError
 
-_SPEC = re.compile(r"^(raise|crash)@step:(\d+),rank:(\d+)$")
+_SPEC = re.compile(r"^(raise|crash|nan)@step:(\d+),rank:(\d+)$")
 CRASH_EXIT_CODE = 86
 
 
-@dataclass(frozen=True)
+@dataclass
 class Fault:
     kind: str
     step: int
     rank: int
+    fired: bool = False  # once: a skipped step is retried with the same step number
 
     def check(self, step: int, rank: int) -> None:
-        if step != self.step or rank != self.rank:
+        """After optimizer step `step`: raise or crash."""
+        if step != self.step or rank != self.rank or self.kind == "nan":
             return
         if self.kind == "crash":
             os._exit(CRASH_EXIT_CODE)
         raise RuntimeError(f"injected fault (DISTNN_FAULT) on rank {rank} at step {step}")
+
+    def corrupt(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+        """During step `step`: the loss, or NaN for the nan fault."""
+        if self.kind == "nan" and step == self.step and rank == self.rank and not self.fired:
+            self.fired = True
+            return loss * math.nan
+        return loss
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> Fault | None:

@@ -2,7 +2,8 @@
 
     python -m distnn.predict --checkpoint runs/NAME IMG [IMG ...] [--topk 3]
 
-`--checkpoint` takes a run directory (its latest checkpoint), a checkpoint file, or an export.
+`--checkpoint` takes a run directory (its latest checkpoint), a checkpoint file, or an export
+(python -m distnn.checkpoint export: a plain state_dict with a .json beside it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Predictor:
     """The model and preprocessing a checkpoint describes, ready for images."""
 
     def __init__(self, state: dict[str, Any], device: torch.device) -> None:
-        cfg = config.from_dict(state["config"])
+        cfg = config.from_dict(state["config"])  # checkpoints and exports both carry it
         self.classes: list[str] = list(state["classes"])
         self.size = cfg.data.image_size
         self.device = device
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[list[tuple[str, float]]]:
     args = parser().parse_args(argv)
     if args.topk < 1:
         raise UserError(f"--topk must be >= 1, got {args.topk}")
-    predictor = Predictor(checkpoint.load_file(args.checkpoint), torch.device(args.device))
+    predictor = Predictor(checkpoint.load_any(args.checkpoint), torch.device(args.device))
     results = predictor.top(args.images, args.topk)
     for path, top in zip(args.images, results, strict=True):
         ranked = ", ".join(f"{name} {p:.3f}" for name, p in top)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distnn import checkpoint, config, data, models, monitor, optim, parallel
+from distnn import checkpoint, config, data, models, monitor, optim, parallel, preempt
 from distnn import precision as precision_lib
 from distnn.config import Config
 from distnn.engine import Engine, total_steps
@@ -61,6 +61,11 @@ def train(cfg: Config) -> dict[str, Any]:
     steps = total_steps(cfg, loaders)
     optimizer = optim.build_optimizer(model, cfg.optim, config.global_batch(cfg, env.world_size))
     scheduler = optim.build_scheduler(optimizer, cfg.sched, steps)
+    ckpt = checkpoint.Manager(cfg.ckpt, cfg.run_dir, env.is_main)
+    state = ckpt.restore()
+    if state is not None:
+        checkpoint.check_compatible(state, cfg, loaders.classes, ckpt.restored_from)
+    start = state["position"]["step"] if state else 0
 
     with dist.process_group(env, cfg.dist):
         strategy = parallel.build(cfg, env, device, precision)
@@ -68,20 +73,26 @@ def train(cfg: Config) -> dict[str, Any]:
         if cfg.model.compile:
             forward = torch.compile(forward)
         seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
-        ckpt = checkpoint.Manager(cfg.ckpt, cfg.run_dir, env.is_main)
-        state = ckpt.restore()
-        start = state["position"]["step"] if state else 0
         run = monitor.Run(cfg, env, steps, start)
+        preemption = preempt.Watcher(cfg.dist.timeout_s)
         try:
-            engine = Engine(cfg, strategy, forward, loaders, precision, device, run, ckpt)
+            engine = Engine(
+                cfg, strategy, forward, loaders, precision, device, run, ckpt, preemption
+            )
             if state is not None:
                 engine.load_state_dict(state)
-                run.message(f"resumed at step {start} from {ckpt.dir}")
+                run.message(f"resumed at step {start} from {ckpt.restored_from}")
             summary = engine.fit()
             run.summary(summary)
             top1 = summary.get("val_top1", float("nan"))
             run.message(f"done: {summary['steps']} steps, val_top1 {top1:.4f} -> {cfg.run_dir}")
+        except preempt.Preempted:
+            run.message(f"preempted at step {engine.pos.step}: checkpoint saved, exiting 75")
+            if env.is_main and cfg.ckpt.requeue:
+                preempt.requeue()
+            raise
         finally:
+            preemption.close()
             run.close()
     return summary
 

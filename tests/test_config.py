@@ -44,7 +44,7 @@ def test_defaults_load():
     assert cfg.train.batch_size == 128
     assert cfg.model.num_classes is None
     assert cfg.precision == "fp32"
-    assert cfg.log.wandb.mode == "disabled"
+    assert cfg.log.wandb.mode == "auto"
     assert cfg.run_dir.as_posix() == "runs/default"
 
 

@@ -18,7 +18,7 @@ def run_and_images(tmp_path_factory):
     cfg = config.load(
         None,
         [f"run.dir={root}", "run.name=p", "data.workers=0", "log.progress=off",
-         "train.epochs=2", "train.batch_size=64", "optim.lr=0.05"],
+         "train.epochs=2", "train.batch_size=64", "optim.lr=0.05", "log.wandb.mode=disabled"],
     )  # fmt: skip
     train(cfg)
     # Held-out images as PNG files (lossless), in ImageFolder layout so predict can tell truth.

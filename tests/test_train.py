@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
         [
             f"run.dir={root}", "run.name=syn", "data.workers=0", "log.progress=off",
             "train.epochs=3", "train.batch_size=64", "optim.lr=0.05", "train.log_every=8",
-            "sched.warmup_steps=5",
+            "sched.warmup_steps=5", "log.wandb.mode=disabled",  # W&B: see test_monitor.py
         ],
     )  # fmt: skip
     return cfg, train(cfg)
@@ -88,9 +88,16 @@ def test_checkpoint_files_are_atomic_and_pruned(make_cfg):
     cfg = make_cfg("run.name=keep", "train.max_steps=12", "train.batch_size=256",
                    "ckpt.every_steps=2", "ckpt.keep=2", "ckpt.epoch_end=false")  # fmt: skip
     train(cfg)
-    names = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
-    assert names == ["latest", "step_00000010.pt", "step_00000012.pt"]
-    assert (cfg.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000012.pt"
+    ckpts = cfg.run_dir / "checkpoints"
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert names == ["best.pt", "latest", "step_00000010.pt", "step_00000012.pt"]
+    assert (ckpts / "latest").read_text().strip() == "step_00000012.pt"
+    # Evaluations ran at steps 8 and 12; best.pt is the better one, kept though pruned.
+    evals = {r["step"]: r["val_top1"] for r in read_metrics(cfg.run_dir) if "val_top1" in r}
+    best = checkpoint.load_file(ckpts / "best.pt")
+    assert sorted(evals) == [8, 12]
+    assert best["best_value"] == max(evals.values())
+    assert evals[best["position"]["step"]] == max(evals.values())
 
 
 def test_resume_continues_the_same_loss_curve(make_cfg, tmp_path):

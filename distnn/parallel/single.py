@@ -56,8 +56,11 @@ class SingleProcess:
             self.scaler.update()
             stepped = self.scaler._scale >= before
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         return stepped
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
