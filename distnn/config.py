@@ -46,15 +46,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "cifar10", "cifar100", "imagefolder"] = _f(
+    source: Literal["synthetic", "cifar10", "cifar100", "imagefolder", "shards"] = _f(
         "synthetic", "where samples come from"
     )
-    root: str = _f("data", "dataset directory (cifar-10-batches-py's parent, or train/ val/)")
+    root: str = _f(
+        "data", "dataset directory (cifar-10-batches-py's parent, train/ val/, or shards)"
+    )
     image_size: int = _f(32, "side of the square training crop, pixels")
     hflip: bool = _f(True, "random horizontal flips in training (off for digits, text)")
     workers: int = _f(4, "DataLoader worker processes per rank")
     prefetch_factor: int = _f(2, "batches each worker loads ahead")
     download: bool = _f(False, "download CIFAR with torchvision when missing (needs internet)")
+    verify: bool = _f(
+        False, "shards: check each shard's sha256 and sample count against the manifest first"
+    )
+    on_error: Literal["skip", "raise"] = _f(
+        "skip", "shards: an unreadable sample is skipped and counted, or stops the run"
+    )
     synthetic_train: int = _f(2048, "synthetic: training samples")
     synthetic_val: int = _f(512, "synthetic: validation samples")
     synthetic_classes: int = _f(10, "synthetic: number of classes")
@@ -95,6 +103,12 @@ class TrainConfig:
     clip_grad_norm: float = _f(0.0, "clip the global gradient norm to this (0: off)")
     eval_every: int = _f(1, "epochs between evaluations (the last epoch always evaluates)")
     deterministic: bool = _f(False, "deterministic kernels (slower)")
+    nonfinite: Literal["raise", "skip"] = _f(
+        "raise",
+        "non-finite loss: raise (checked at log intervals, no per-step sync) or skip the step "
+        "(checked every step: one host sync per step)",
+    )
+    max_skips: int = _f(10, "nonfinite=skip: raise after this many skipped steps")
 
 
 @dataclass
@@ -120,14 +134,23 @@ class CkptConfig:
     epoch_end: bool = _f(True, "checkpoint at the end of every epoch")
     keep: int = _f(3, "checkpoints kept (the newest)")
     resume: str = _f("auto", "auto (newest valid in the run dir) | never | PATH")
+    best_metric: str = _f("val_top1", "eval metric that picks checkpoints/best.pt")
+    best_mode: Literal["max", "min"] = _f("max", "whether a larger best_metric is better")
+    requeue: bool = _f(True, "on preemption under Slurm, rank 0 runs scontrol requeue")
 
 
 @dataclass
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = _f(
-        "disabled", "W&B logging (auto: online with credentials, else offline)"
+        "auto", "W&B logging (auto: online with credentials, else offline; never prompts)"
     )
     project: str = _f("distnn", "W&B project")
+    entity: str | None = _f(None, "W&B entity (team or user); default: the account's")
+    group: str | None = _f(None, "W&B run group; default: run.name")
+    tags: list[str] = _f([], "W&B run tags (tags=a,b on the command line)")
+    notes: str = _f("", "W&B run notes")
+    log_checkpoints: bool = _f(False, "upload the final model (<run dir>/model.pt) as an artifact")
+    init_timeout_s: float = _f(30.0, "online: seconds to reach the server, then log offline")
 
 
 @dataclass
@@ -135,6 +158,7 @@ class LogConfig:
     progress: Literal["auto", "bar", "lines", "off"] = _f(
         "auto", "console: auto = progress bar on a TTY, plain lines otherwise"
     )
+    tensorboard: bool = _f(True, "TensorBoard event files under <run dir>/tb")
     wandb: WandbConfig = _section(WandbConfig, "Weights & Biases")
 
 
@@ -342,6 +366,7 @@ def validate(cfg: Config) -> Config:
         "ckpt.keep": cfg.ckpt.keep,
         "optim.base_batch": cfg.optim.base_batch,
         "dist.timeout_s": cfg.dist.timeout_s,
+        "log.wandb.init_timeout_s": cfg.log.wandb.init_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -1,15 +1,20 @@
-"""One `Run` fans every record out to the console and metrics.jsonl, on rank 0 only."""
+"""One `Run` fans every record out to the console, metrics.jsonl, TensorBoard and W&B, on
+rank 0 only. Every sink gets the same keys at the same step (the optimizer step)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from distnn import config as config_lib
 from distnn.config import Config
-from distnn.monitor import console
+from distnn.monitor import console, images
 from distnn.parallel.env import Env
 
 
@@ -31,17 +36,55 @@ class Run:
             cfg.log.progress if self.writes else "off", total_steps, start_step
         )
         self.metrics = None
+        self.sinks: list[Any] = []  # TensorBoard, W&B: log, images, summary, close
+        self.wants_images = False  # the engine hands over one training batch when True
         if self.writes:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+            last_logged = _rewind(self.dir / "metrics.jsonl", start_step)
             # Line-buffered and open for the whole run: a killed job keeps every record written.
             self.metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+            try:
+                if cfg.log.tensorboard:
+                    self._start_tensorboard(cfg, start_step)
+                from distnn.monitor.wandb import WandbSink
+
+                sink = WandbSink.start(cfg, start_step, last_logged, self.message)
+                if sink is not None:
+                    self.sinks.append(sink)
+            except BaseException:
+                self.close()
+                raise
+            self.wants_images = bool(self.sinks) and start_step == 0
+
+    def _start_tensorboard(self, cfg: Config, start_step: int) -> None:
+        try:
+            from distnn.monitor.tensorboard import TensorBoardSink
+
+            self.sinks.append(TensorBoardSink(cfg, start_step))
+        except ImportError as e:  # torch.utils.tensorboard needs the tensorboard package
+            self.message(
+                f"TensorBoard off ({e}): pip install tensorboard, or log.tensorboard=false"
+            )
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.writes:
             return
         self.metrics.write(json.dumps(_clean(record)) + "\n")
         self.console.log(record)
+        for sink in self.sinks:
+            sink.log(record)
+
+    def log_images(
+        self, x: torch.Tensor, step: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        """One grid of a normalised training batch, once per run (the first call)."""
+        if not self.wants_images:
+            return
+        self.wants_images = False
+        grid = images.grid(x, mean, std)
+        for sink in self.sinks:
+            sink.images("train_batch", grid, step)
 
     def message(self, text: str) -> None:
         if self.writes:
@@ -51,12 +94,40 @@ class Run:
         if self.writes:
             path = self.dir / "summary.json"
             path.write_text(json.dumps(_clean(values), indent=2) + "\n")
+            for sink in self.sinks:
+                sink.summary(values)
 
     def close(self) -> None:
         self.console.close()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
+
+
+def _rewind(path: Path, step: int) -> int | None:
+    """Drop the records past `step` from a metrics.jsonl, atomically: a resumed run logs those
+    steps again, and each step stays in the file once. Returns the last step logged before
+    (the W&B sink cannot drop what it already sent, so it skips up to there instead)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    kept, last = [], None
+    for line in lines:
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill, or blank
+        last = record_step
+        if record_step <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return last
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
