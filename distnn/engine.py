@@ -78,7 +78,9 @@ class Engine:
         self.step_loss = torch.zeros((), device=self.device)
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
-        self.skipped = 0
+        self.skipped = 0  # steps dropped by train.nonfinite=skip
+        # fp16 steps the GradScaler skipped on overflow: counted on the device, read at logs.
+        self.overflows = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def _batches(self, loader: Any) -> DevicePrefetcher:
         return DevicePrefetcher(
@@ -103,6 +105,7 @@ class Engine:
                 "loss_sum": self.loss_sum.item(),
                 "loss_count": self.loss_count,
                 "skipped": self.skipped,
+                "overflows": int(self.overflows),
             },
             "distnn_version": __version__,
         }
@@ -119,6 +122,7 @@ class Engine:
         meters = state["meters"]
         self.loss_sum.fill_(meters["loss_sum"])
         self.loss_count, self.skipped = meters["loss_count"], meters["skipped"]
+        self.overflows.fill_(meters.get("overflows", 0))
         checkpoint.restore_rng(state, dist.rank())
 
     def save(self, best: bool = False) -> None:
@@ -169,7 +173,10 @@ class Engine:
             if batch is None:
                 break
             if self.run.wants_images:  # once per run: a grid of the first batch
-                self.run.log_images(batch[0], self.pos.step, self.loaders.mean, self.loaders.std)
+                loaders = self.loaders
+                self.run.log_first_batch(
+                    batch[0], self.strategy.unwrap(), self.pos.step, loaders.mean, loaders.std
+                )
             self.pos.batch += 1
             final = self.pos.batch % self.cfg.train.accum_steps == 0
             self.forward_backward(*batch, final=final)
@@ -200,7 +207,9 @@ class Engine:
         if self.skip_nonfinite and not torch.isfinite(grad_norm).item():
             self.skip_step()
             return
-        self.strategy.step()
+        # An fp16 overflow skip still counts as a step (and steps the schedule): telling it
+        # apart on the host would sync every step.
+        self.overflows += ~self.strategy.step().to(self.device)
         self.loss_sum += self.step_loss
         self.loss_count += t.accum_steps
         self.step_loss.zero_()
@@ -225,7 +234,7 @@ class Engine:
             raise preempt.Preempted()
 
     def skip_step(self) -> None:
-        self.strategy.zero_grad()
+        self.strategy.discard()
         self.step_loss.zero_()
         self.skipped += 1
         self.run.message(f"skipped step {self.pos.step + 1}: non-finite gradient norm")
@@ -251,7 +260,9 @@ class Engine:
             "loss": loss,
             "lr": self.strategy.lr(),
             **rates,  # images/s, step time, data wait, memory; on CUDA TFLOP/s and MFU
-            "skipped_steps": self.skipped,
+            # non-finite steps dropped, plus fp16 steps the loss scaler skipped
+            "skipped_steps": self.skipped + int(self.overflows),
+            "data_errors": self.loaders.errors.skipped,  # unreadable samples, this rank
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -259,8 +270,8 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss, top-1 and top-5 over the whole eval set: each rank scores its share (sample i
-        on rank i mod world) and the sums are all-reduced, so every sample counts once."""
+        """Loss, top-1 and top-5 over the whole eval set: each rank scores its own share of the
+        samples (data/order.py) and the sums are all-reduced, so every sample counts once."""
         model = self.strategy.unwrap()
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 from typing import Any
 
@@ -45,6 +46,21 @@ def configure_kernels(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def compile_model(model: torch.nn.Module, device: torch.device, run: monitor.Run) -> Any:
+    """torch.compile where it can work; elsewhere the eager model, with a note saying why."""
+    import torch._dynamo
+
+    why = None
+    if not torch._dynamo.is_dynamo_supported():
+        why = "torch.compile is not supported on this Python/platform"
+    elif device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
+        why = "inductor needs a C++ compiler for CPU code and none is on PATH"
+    if why is not None:
+        run.message(f"model.compile=true ignored: {why}; running eagerly")
+        return model
+    return torch.compile(model)
+
+
 def train(cfg: Config) -> dict[str, Any]:
     # Everything that can be wrong with the input is checked before a process group forms.
     env = parallel.detect()
@@ -67,13 +83,14 @@ def train(cfg: Config) -> dict[str, Any]:
         checkpoint.check_compatible(state, cfg, loaders.classes, ckpt.restored_from)
     start = state["position"]["step"] if state else 0
 
+    strategy = parallel.build(cfg, env, device, precision)
+
     with dist.process_group(env, cfg.dist):
-        strategy = parallel.build(cfg, env, device, precision)
         forward = strategy.setup(model, optimizer, scheduler)
-        if cfg.model.compile:
-            forward = torch.compile(forward)
         seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
         run = monitor.Run(cfg, env, steps, start)
+        if cfg.model.compile:
+            forward = compile_model(forward, device, run)
         preemption = preempt.Watcher(cfg.dist.timeout_s)
         try:
             engine = Engine(

@@ -125,3 +125,46 @@ def test_global_batch_not_divisible_by_world_is_refused(make_cfg):
     with pytest.raises(UserError, match=r"train.global_batch=100 .* world size 2 .* multiple of 6"):
         config.for_world(cfg, 2)
     assert config.for_world(make_cfg("train.global_batch=96"), 4).train.batch_size == 24
+
+
+def test_fp16_scaler_skips_overflows_and_discard_shrinks_the_scale():
+    """The GradScaler path (real torch.amp.GradScaler, run on CPU tensors): an overflowing step
+    is skipped and halves the scale; dropping a non-finite step (train.nonfinite=skip) after
+    the gradients were unscaled works twice in a row and shrinks the scale too."""
+    from distnn.parallel.single import SingleProcess
+    from distnn.precision import Precision
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    strategy = SingleProcess(Precision("fp16", torch.device("cpu")))
+    strategy.setup(model, optimizer, scheduler)
+    scale = strategy.scaler.get_scale()
+
+    def backward(value: float) -> torch.Tensor:
+        strategy.backward(model(torch.full((1, 4), value)).sum())
+        return strategy.clip_grad_norm(1.0)
+
+    before = model.weight.detach().clone()
+    backward(float("inf"))
+    assert not bool(strategy.step())
+    assert torch.equal(model.weight, before) and strategy.scaler.get_scale() == scale / 2
+    assert torch.isfinite(backward(1.0))
+    assert bool(strategy.step()) and not torch.equal(model.weight, before)
+    for _ in range(2):
+        assert not torch.isfinite(backward(float("nan")))
+        strategy.discard()
+    assert strategy.scaler.get_scale() == scale / 8
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_sync_batchnorm_on_cpu_is_refused_before_training(make_cfg):
+    from distnn import parallel, precision
+    from distnn.errors import UserError
+    from distnn.parallel.env import Env
+
+    env = Env(world_size=2, local_world_size=2, launcher="torchrun")
+    cfg = make_cfg("strategy.sync_batchnorm=true")
+    cpu = torch.device("cpu")
+    with pytest.raises(UserError, match=r"strategy.sync_batchnorm=true needs GPUs"):
+        parallel.build(cfg, env, cpu, precision.build("fp32", cpu))

@@ -125,3 +125,17 @@ def test_resume_continues_the_same_loss_curve(make_cfg, tmp_path):
     b = checkpoint.model_state(checkpoint.load_file(resumed.run_dir))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_compile_and_channels_last_train_the_same_model(make_cfg):
+    """torch.compile (inductor, C++ on CPU) and channels_last change how, not what: the
+    losses match eager NCHW training."""
+    common = ["train.max_steps=3", "train.log_every=1", "train.batch_size=32",
+              "data.synthetic_train=128", "ckpt.epoch_end=false"]  # fmt: skip
+    eager = make_cfg("run.name=eager", *common)
+    fast = make_cfg("run.name=fast", *common, "model.compile=true", "model.channels_last=true")
+    train(eager)
+    train(fast)
+    got = [r["loss"] for r in read_metrics(fast.run_dir) if "loss" in r]
+    want = [r["loss"] for r in read_metrics(eager.run_dir) if "loss" in r]
+    assert got == pytest.approx(want, rel=1e-4) and len(got) == 3

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distnn.config import StrategyConfig
+from distnn.errors import UserError
 from distnn.parallel.single import SingleProcess
 from distnn.precision import Precision
 
@@ -25,6 +26,11 @@ _SYNC_BUFFERS = (
 class DDP(SingleProcess):
     def __init__(self, precision: Precision, cfg: StrategyConfig, device: torch.device) -> None:
         super().__init__(precision)
+        if cfg.sync_batchnorm and device.type == "cpu":
+            raise UserError(
+                "strategy.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU "
+                "path); set strategy.sync_batchnorm=false on CPU"
+            )
         self.cfg, self.device = cfg, device
         self.ddp: DistributedDataParallel | None = None
 

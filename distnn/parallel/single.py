@@ -56,10 +56,14 @@ class SingleProcess:
             self.scaler.update()
             stepped = self.scaler._scale >= before
         self.scheduler.step()
-        self.zero_grad()
+        self.optimizer.zero_grad(set_to_none=True)
         return stepped
 
-    def zero_grad(self) -> None:
+    def discard(self) -> None:
+        if self.scaler is not None:
+            # clip_grad_norm unscaled these gradients and found the inf: update() shrinks the
+            # scale and resets the scaler, as its own skipped step would.
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
     def lr(self) -> float:

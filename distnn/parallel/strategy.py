@@ -29,8 +29,9 @@ class Strategy(Protocol):
         """Optimizer (and scheduler) step and zero_grad; a bool tensor, false where an fp16
         overflow skipped the step. A tensor, so callers sync only when they log."""
 
-    def zero_grad(self) -> None:
-        """Drop the accumulated gradients without stepping (a skipped step)."""
+    def discard(self) -> None:
+        """Drop the accumulated gradients without stepping (a step skipped for non-finite
+        gradients); an fp16 loss scale shrinks as after an overflow."""
 
     def lr(self) -> float:
         """The current learning rate (first parameter group)."""
