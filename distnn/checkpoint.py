@@ -63,18 +63,26 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    _replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    _replace(tmp, path)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename into place and fsync the directory, so the rename itself survives a crash."""
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -124,9 +132,8 @@ class Manager:
             return None
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(step)
-        if best or not path.exists():  # rewritten when best: it now records the best value
-            atomic_save(state, path)
-            atomic_write_text(path.name + "\n", self.dir / "latest")
+        atomic_save(state, path)
+        atomic_write_text(path.name + "\n", self.dir / "latest")
         if best:
             # A hard link: no copy, and pruning the step file leaves best.pt intact.
             tmp = self.dir / ".best.pt.tmp"
@@ -144,9 +151,15 @@ class Manager:
 
     def restore(self) -> dict[str, Any] | None:
         """The checkpoint `ckpt.resume` names: none for `never`, the newest readable one in
-        this run for `auto` (skipping unreadable ones with a warning), or a given path."""
-        if self.cfg.resume == "never":
-            return None
+        this run for `auto` (skipping unreadable ones with a warning), or a given path.
+        Checkpoints in this run past the step it continues from are removed: they belong to
+        an attempt that was lost (or to the run that `never` starts over)."""
+        state = None if self.cfg.resume == "never" else self._load()
+        if self.writes:
+            self._forget_after(state["position"]["step"] if state else 0)
+        return state
+
+    def _load(self) -> dict[str, Any] | None:
         candidates = [Path(self.cfg.resume)] if self.cfg.resume != "auto" else []
         for path in candidates or reversed(self.saved()):
             try:
@@ -160,6 +173,13 @@ class Manager:
             self.best_value = state.get("best_value")
             return state
         return None
+
+    def _forget_after(self, step: int) -> None:
+        stale = [p for p in self.saved() if int(_NAME.match(p.name).group(1)) > step]
+        if step == 0:
+            stale += [p for p in (self.dir / "best.pt", self.dir / "latest") if p.exists()]
+        for p in stale:
+            p.unlink()
 
 
 def check_compatible(

@@ -170,6 +170,22 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning(make_cfg, capsys)
     assert summary["steps"] == 6
     assert "resumed at step 4 from" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(cfg.run_dir) if "loss" in r][-2:] == [5, 6]
+    # The cut file was replaced by the resumed run's own step 6, which loads.
+    assert checkpoint.load_file(newest)["position"]["step"] == 6
+
+
+def test_starting_over_replaces_the_old_run_s_checkpoints(make_cfg):
+    train(make_cfg("run.name=over", *SHORT, "train.log_every=1"))
+    cfg = make_cfg("run.name=over", *SHORT[1:], "train.max_steps=4", "ckpt.resume=never",
+                   "train.seed=5", "train.log_every=1")  # fmt: skip
+    train(cfg)
+    ckpts = cfg.run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*.pt")) == [
+        "step_00000002.pt", "step_00000004.pt",
+    ]  # fmt: skip
+    assert (ckpts / "latest").read_text().strip() == "step_00000004.pt"
+    assert checkpoint.load_file(cfg.run_dir)["config"]["train"]["seed"] == 5
+    assert [r["step"] for r in read_metrics(cfg.run_dir) if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_checkpoint_of_another_model_is_refused_in_one_line(make_cfg):
