@@ -159,6 +159,7 @@ class LogConfig:
         "auto", "console: auto = progress bar on a TTY, plain lines otherwise"
     )
     tensorboard: bool = _f(True, "TensorBoard event files under <run dir>/tb")
+    tensorboard_graph: bool = _f(False, "TensorBoard: trace the model graph once, at start")
     wandb: WandbConfig = _section(WandbConfig, "Weights & Biases")
 
 

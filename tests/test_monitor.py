@@ -65,7 +65,8 @@ def trained(tmp_path_factory):
             mp.delenv(name, raising=False)
         mp.setenv("HOME", str(root / "home"))
         cfg = load(root, "run.name=watched", "train.epochs=1", f"log.wandb.notes={NOTES}",
-                   "log.wandb.tags=a,b", "log.wandb.log_checkpoints=true")  # fmt: skip
+                   "log.wandb.tags=a,b", "log.wandb.log_checkpoints=true",
+                   "log.tensorboard_graph=true")  # fmt: skip
         summary = train(cfg)
     return cfg, summary
 
@@ -91,7 +92,8 @@ def test_offline_wandb_file_matches_metrics_jsonl(trained):
     # Every field the issue lists is there, train and eval.
     train_keys = set().union(*(r.keys() for r in records if "loss" in r))
     assert {"loss", "lr", "grad_norm", "images_per_sec", "images_per_sec_per_device",
-            "data_wait", "step_time_s", "memory_gib", "skipped_steps"} <= train_keys  # fmt: skip
+            "data_wait", "step_time_s", "memory_gib", "skipped_steps",
+            "data_errors"} <= train_keys  # fmt: skip
     assert {"val_loss", "val_top1", "val_top5"} <= set(metric_rows[8])
     assert "mfu" not in train_keys  # CPU: no peak to divide by, so no MFU at all
 
@@ -141,6 +143,10 @@ def test_tensorboard_scalars_match_metrics_jsonl(trained):
             assert g == pytest.approx(w, rel=1e-6, abs=1e-12), key  # stored as float32
     assert acc.Tags()["images"] == ["train_batch"]
     assert len(acc.Images("train_batch")) == 1
+    # The traced graph: tutorial_cnn's three convolutions are in it.
+    assert acc.Tags()["graph"]
+    ops = [node.op for node in acc.Graph().node]
+    assert ops.count("aten::_convolution") == 3, sorted(set(ops))
 
 
 def test_reader_survives_a_torn_last_record(trained, tmp_path):

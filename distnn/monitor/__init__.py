@@ -36,7 +36,7 @@ class Run:
             cfg.log.progress if self.writes else "off", total_steps, start_step
         )
         self.metrics = None
-        self.sinks: list[Any] = []  # TensorBoard, W&B: log, images, summary, close
+        self.sinks: list[Any] = []  # TensorBoard, W&B: log, first_batch, summary, close
         self.wants_images = False  # the engine hands over one training batch when True
         if self.writes:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -75,16 +75,22 @@ class Run:
         for sink in self.sinks:
             sink.log(record)
 
-    def log_images(
-        self, x: torch.Tensor, step: int, mean: Sequence[float], std: Sequence[float]
+    def log_first_batch(
+        self,
+        x: torch.Tensor,
+        model: torch.nn.Module,
+        step: int,
+        mean: Sequence[float],
+        std: Sequence[float],
     ) -> None:
-        """One grid of a normalised training batch, once per run (the first call)."""
+        """Once per run (the first call): a grid of a normalised training batch for every
+        sink, and the model graph for TensorBoard when asked for."""
         if not self.wants_images:
             return
         self.wants_images = False
         grid = images.grid(x, mean, std)
         for sink in self.sinks:
-            sink.images("train_batch", grid, step)
+            sink.first_batch(grid, x, model, step)
 
     def message(self, text: str) -> None:
         if self.writes:

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from distnn import config as config_lib
 from distnn.config import Config
@@ -19,6 +21,7 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = Path(cfg.run_dir) / "tb"
+        self.graph = cfg.log.tensorboard_graph
         # A resumed run replays the steps after its checkpoint: purge_step hides what an
         # earlier attempt logged from there on, so each step shows once.
         resumed = self.dir.is_dir() and any(self.dir.iterdir())
@@ -35,8 +38,15 @@ class TensorBoardSink:
             if key != "step" and _is_number(value):
                 self.writer.add_scalar(key, value, step)
 
-    def images(self, tag: str, grid: np.ndarray, step: int) -> None:
-        self.writer.add_image(tag, grid, step, dataformats="HWC")
+    def first_batch(self, grid: np.ndarray, x: torch.Tensor, model: nn.Module, step: int) -> None:
+        self.writer.add_image("train_batch", grid, step, dataformats="HWC")
+        if self.graph:
+            was_training = model.training
+            model.eval()  # tracing runs forward once: no BatchNorm statistics update
+            try:
+                self.writer.add_graph(model, x[:1])
+            finally:
+                model.train(was_training)
 
     def summary(self, values: dict[str, Any]) -> None:
         self.writer.flush()

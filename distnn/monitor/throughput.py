@@ -71,7 +71,8 @@ def train_flops_per_image(model: nn.Module, image_size: int, device: torch.devic
 
 
 def memory_bytes(device: torch.device) -> int:
-    """CUDA: the most memory tensors have held on this device (allocator peak, no sync).
+    """CUDA: the most memory tensors have held on this device since the last read (allocator
+    peak, no sync).
     Elsewhere: this process's resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -133,6 +134,8 @@ class Throughput:
         }
         if self.device is not None:
             out["memory_gib"] = memory_bytes(self.device) / 2**30
+            if self.device.type == "cuda":  # the next read reports the next interval's peak
+                torch.cuda.reset_peak_memory_stats(self.device)
         if self.flops_per_image:
             achieved = per_device * self.flops_per_image
             out["tflops_per_device"] = achieved / 1e12

@@ -31,6 +31,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+import torch
+from torch import nn
 
 from distnn import config as config_lib
 from distnn.config import Config
@@ -173,11 +175,11 @@ class WandbSink:
         data = {k: v for k, v in record.items() if k != "step" and _number(v)}
         self.run.log(data, step=step)
 
-    def images(self, tag: str, grid: np.ndarray, step: int) -> None:
+    def first_batch(self, grid: np.ndarray, x: torch.Tensor, model: nn.Module, step: int) -> None:
         import wandb
 
         if step > self.floor:
-            self.run.log({tag: wandb.Image(grid, caption="a training batch")}, step=step)
+            self.run.log({"train_batch": wandb.Image(grid, caption="a training batch")}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         self.run.summary.update({k: v for k, v in values.items() if _number(v)})
