@@ -343,3 +343,25 @@ def test_peak_table_and_mfu():
     assert "mfu" not in bare and "tflops_per_device" in bare
     cpu = tp.Throughput.for_model(1, small_convnet(), 16, torch.device("cpu")).read()
     assert "mfu" not in cpu and "tflops_per_device" not in cpu and math.isfinite(cpu["memory_gib"])
+
+
+def test_console_bar_and_lines(capsys, monkeypatch):
+    """On a terminal a rich bar tracks step/total with loss, lr and img/s; elsewhere (auto,
+    not a TTY) one plain line per record with an ETA."""
+    from distnn.monitor import console
+
+    record = {"step": 5, "epoch": 0.5, "loss": 0.25, "lr": 0.01, "images_per_sec": 1234.0}
+    bar = console.build("bar", total_steps=10, start_step=2)
+    assert isinstance(bar, console.BarConsole)
+    assert bar.progress.tasks[0].completed == 2  # resumed at step 2
+    bar.log(record)
+    task = bar.progress.tasks[0]
+    assert (task.completed, task.total) == (5, 10)
+    assert task.fields["info"] == "epoch 0.50  loss 0.2500  lr 0.01  img/s 1,234"
+    bar.close()
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    lines = console.build("auto", total_steps=10, start_step=0)
+    assert isinstance(lines, console.LineConsole)
+    lines.log(record)
+    out = capsys.readouterr().out.splitlines()[-1]
+    assert out.startswith("step 5/10  epoch 0.50  loss 0.2500  lr 0.01  img/s 1,234  eta ")
