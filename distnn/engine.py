@@ -193,8 +193,9 @@ class Engine:
                 loss = self.criterion(self.model(x), y)
             if self.fault is not None:
                 loss = self.fault.corrupt(loss, self.pos.step + 1, self.rank)
-            self.strategy.backward(loss / accum)
-        self.step_loss += loss.detach()
+            self.strategy.backward(loss / accum if accum > 1 else loss)
+        # skip mode keeps the step's loss apart until it knows the step stands
+        (self.step_loss if self.skip_nonfinite else self.loss_sum).add_(loss.detach())
 
     def optimizer_step(self) -> None:
         t = self.cfg.train
@@ -209,10 +210,13 @@ class Engine:
             return
         # An fp16 overflow skip still counts as a step (and steps the schedule): telling it
         # apart on the host would sync every step.
-        self.overflows += ~self.strategy.step().to(self.device)
-        self.loss_sum += self.step_loss
+        stepped = self.strategy.step()
+        if stepped is not None:
+            self.overflows += ~stepped
+        if self.skip_nonfinite:
+            self.loss_sum += self.step_loss
+            self.step_loss.zero_()
         self.loss_count += t.accum_steps
-        self.step_loss.zero_()
         self.pos.step += 1
         self.meter.add(t.batch_size * t.accum_steps)
         if self.fault is not None:

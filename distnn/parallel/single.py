@@ -44,10 +44,10 @@ class SingleProcess:
             self.model.parameters(), max_norm if max_norm > 0 else math.inf, foreach=True
         )
 
-    def step(self) -> torch.Tensor:
+    def step(self) -> torch.Tensor | None:
+        stepped = None
         if self.scaler is None:
             self.optimizer.step()
-            stepped = torch.ones((), dtype=torch.bool)
         else:
             # The scale only shrinks when an overflow made the scaler skip the step; comparing
             # the tensors tells which without a host sync.

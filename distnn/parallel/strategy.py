@@ -25,9 +25,10 @@ class Strategy(Protocol):
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm before clipping (max_norm <= 0: measure only), as a tensor."""
 
-    def step(self) -> torch.Tensor:
-        """Optimizer (and scheduler) step and zero_grad; a bool tensor, false where an fp16
-        overflow skipped the step. A tensor, so callers sync only when they log."""
+    def step(self) -> torch.Tensor | None:
+        """Optimizer (and scheduler) step and zero_grad. With a loss scaler, a bool tensor,
+        false where an fp16 overflow skipped the step (a tensor: callers sync only when they
+        log); None where no step can be skipped."""
 
     def discard(self) -> None:
         """Drop the accumulated gradients without stepping (a step skipped for non-finite
