@@ -16,7 +16,6 @@ reported on any CUDA device.
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import sys
@@ -72,16 +71,12 @@ def train_flops_per_image(model: nn.Module, image_size: int, device: torch.devic
 
 def memory_bytes(device: torch.device) -> int:
     """CUDA: the most memory tensors have held on this device since the last read (allocator
-    peak, no sync).
-    Elsewhere: this process's resident set size."""
+    peak, no sync). Elsewhere: the process's peak resident set size (one getrusage call; reading
+    /proc for the current size cost ~0.1 ms per log here)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux: the peak RSS instead
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; else KiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; else KiB
 
 
 class Throughput:

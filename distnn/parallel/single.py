@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
@@ -40,9 +39,10 @@ class SingleProcess:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the scaled one
-        return nn.utils.clip_grad_norm_(
-            self.model.parameters(), max_norm if max_norm > 0 else math.inf, foreach=True
-        )
+        if max_norm <= 0:  # measure only: no multiply by a clip factor of 1
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            return nn.utils.get_total_norm(grads, foreach=True)
+        return nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
 
     def step(self) -> torch.Tensor | None:
         stepped = None
