@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests
 
 bench: setup
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(if $(filter quick,$(BENCH)),--quick)
 
 lint: setup
 	$(BIN)/ruff check .

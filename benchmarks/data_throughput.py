@@ -22,17 +22,16 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from benchmarks.common import RESULTS, describe, machine, timed
 
 KINDS = {
     # name: (extension, image size the model trains at, batch size, images full / quick)
@@ -60,17 +59,6 @@ def make_images(root: Path, ext: str, n: int, seed: int = 0) -> None:
         d.mkdir(parents=True, exist_ok=True)
         img = Image.fromarray(pixels)
         img.save(d / f"{i:06d}.{ext}", **({"quality": 90} if ext == "jpg" else {}))
-
-
-def timed(run: Callable[[], int], repeats: int) -> dict:
-    """samples/s: one warm-up pass, then `repeats` timed ones."""
-    run()
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        n = run()
-        rates.append(n / (time.perf_counter() - t))
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": rates}
 
 
 def shard_loader(root: Path, size: int, batch: int, workers: int) -> Callable[[], int]:
@@ -140,24 +128,6 @@ def report(row: dict) -> None:
           f"{row['median']:8.0f} samples/s", flush=True)  # fmt: skip
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
-    import PIL
-    import torchvision
-    import webdataset
-
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "webdataset": webdataset.__version__,
-        "pillow": PIL.__version__, "load_avg_start": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-    }  # fmt: skip
-
-
 def run(quick: bool, repeats: int, out: Path) -> dict:
     from distnn.data import shard
 
@@ -220,11 +190,9 @@ def markdown(results: dict) -> str:
     lines = [
         "# Data loading throughput (samples/s, training transforms)",
         "",
-        f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}, torchvision {m['torchvision']}, "
-        f"webdataset {m['webdataset']}, Pillow {m['pillow']}; {m['date']}. Load average "
-        f"{m['load_avg_start'][0]:.2f} at start, {m['load_avg_end'][0]:.2f} at end"
-        f"{' (quick run)' if results['quick'] else ''}. Median of {results['repeats']} passes "
-        "after a warm-up (min – max).",
+        f"{describe(m)} torchvision {m['torchvision']}, webdataset {m['webdataset']}, "
+        f"Pillow {m['pillow']}{' (quick run)' if results['quick'] else ''}. Median of "
+        f"{results['repeats']} passes after a warm-up (min – max).",
         "",
         "| data | pipeline | workers | samples/s | min – max |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -249,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a CI-sized run (fewer images)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per figure (>= 5)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     results = run(args.quick, args.repeats, args.out)
     print(markdown(results))

@@ -1,0 +1,85 @@
+"""What every benchmark shares: repeated timing with warm-up, and the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def summarize(values: list[float]) -> dict:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": values,
+    }
+
+
+def timed(run: Callable[[], int], repeats: int) -> dict:
+    """Items/s of `run` (which returns how many items it processed): one warm-up pass, then
+    `repeats` timed ones; median, min, max."""
+    run()
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        n = run()
+        rates.append(n / (time.perf_counter() - t))
+    return summarize(rates)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=RESULTS.parent,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def machine() -> dict:
+    """CPU model, cores, GPU, library versions, git commit, load: beside every figure."""
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").is_file():
+        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    import PIL
+    import torchvision
+    import webdataset
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "webdataset": webdataset.__version__,
+        "pillow": PIL.__version__,
+        "git_commit": _git_commit(),
+        "load_avg_start": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+def describe(m: dict) -> str:
+    """The machine line under a results table."""
+    where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
+    return (
+        f"{where}; torch {m['torch']}; commit {m['git_commit']}; {m['date']}. "
+        f"Load average {m['load_avg_start'][0]:.2f} at start, {m['load_avg_end'][0]:.2f} at end."
+    )
