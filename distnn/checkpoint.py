@@ -3,6 +3,9 @@
 A checkpoint is one torch file holding every stateful piece of the run (the strategy's model,
 optimizer, scheduler and scaler; the loop position; each rank's RNG state) plus the resolved
 config, so it alone can rebuild the model (predict, export) or continue the run exactly.
+Where the strategy shards its state over the ranks (DeepSpeed ZeRO) a checkpoint is a
+directory instead: the same file as `state.pt` beside every rank's shards, written under a
+temporary name and renamed into place once all ranks are done.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +29,10 @@ import torch.distributed as td
 
 from distnn.config import CkptConfig, Config
 from distnn.errors import UserError, cli
+from distnn.parallel.dist import barrier
 
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_NAME = re.compile(r"^step_(\d{8})(\.pt)?$")
+STATE = "state.pt"  # in a directory checkpoint: everything but the shards
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,19 +93,41 @@ def _replace(tmp: Path, path: Path) -> None:
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file or directory, or a run directory's latest checkpoint."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not (path / STATE).is_file():
         latest = path / "checkpoints" / "latest"
         if not latest.is_file():
             raise UserError(f"{str(path)!r} holds no checkpoints/latest")
         path = latest.parent / latest.read_text().strip()
-    if not path.is_file():
+    shards = path if (path / STATE).is_file() else None
+    file = path / STATE if shards else path
+    if not file.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     try:
         # weights_only=False: the checkpoint holds RNG states and numpy arrays, and is our own.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(f"checkpoint {str(path)!r} cannot be read: {type(e).__name__}") from None
+    if shards is not None:  # the strategy finds its shards where the state was read
+        state["strategy"]["shards"] = str(shards)
+    return state
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in [*root.rglob("*"), root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class Manager:
@@ -110,8 +139,8 @@ class Manager:
         self.best_value: float | None = None
         self.restored_from: Path | None = None
 
-    def path(self, step: int) -> Path:
-        return self.dir / f"step_{step:08d}.pt"
+    def path(self, step: int, sharded: bool = False) -> Path:
+        return self.dir / (f"step_{step:08d}" if sharded else f"step_{step:08d}.pt")
 
     def improves(self, metrics: dict[str, float]) -> bool:
         """Whether these eval metrics beat the best so far (and remember them if so)."""
@@ -124,25 +153,60 @@ class Manager:
         self.best_value = value
         return True
 
-    def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path | None:
-        """Rank 0 writes; all ranks must call (RNG states are gathered from every rank)."""
+    def save(
+        self,
+        state: dict[str, Any],
+        step: int,
+        best: bool = False,
+        save_shards: Callable[[Path], None] | None = None,
+    ) -> Path | None:
+        """Rank 0 writes; all ranks must call (RNG states are gathered from every rank, and
+        `save_shards`, the strategy's, has every rank write its part into the directory)."""
         state = {**state, "rng": gather_rng_states(), "best_value": self.best_value}
         self.last_saved_step = step
+        path = self.path(step, sharded=save_shards is not None)
+        if save_shards is not None:
+            self._save_directory(state, path, save_shards)
+        elif self.writes:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_save(state, path)
         if not self.writes:
             return None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.path(step)
-        atomic_save(state, path)
         atomic_write_text(path.name + "\n", self.dir / "latest")
         if best:
-            # A hard link: no copy, and pruning the step file leaves best.pt intact.
-            tmp = self.dir / ".best.pt.tmp"
-            tmp.unlink(missing_ok=True)
-            os.link(path, tmp)
-            os.replace(tmp, self.dir / "best.pt")
+            self._mark_best(path)
         for old in self.saved()[: -self.cfg.keep]:
-            old.unlink(missing_ok=True)
+            _remove(old)
         return path
+
+    def _save_directory(
+        self, state: dict[str, Any], path: Path, save_shards: Callable[[Path], None]
+    ) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        if self.writes:
+            _remove(tmp)  # left by a crash mid-save
+            tmp.mkdir(parents=True)
+        barrier()
+        save_shards(tmp)
+        barrier()  # every rank's files are closed (on NFS: flushed to the server)
+        if self.writes:
+            atomic_save(state, tmp / STATE)
+            _fsync_tree(tmp)
+            _remove(path)  # the same step saved again (best after the epoch's checkpoint)
+            _replace(tmp, path)
+        barrier()  # no rank returns (and maybe exits) before the checkpoint is in place
+
+    def _mark_best(self, path: Path) -> None:
+        """best.pt (or best/) as hard links: no copy, and pruning the step leaves it intact."""
+        best = self.dir / ("best" if path.is_dir() else "best.pt")
+        tmp = self.dir / f".{best.name}.tmp"
+        _remove(tmp)
+        if path.is_dir():
+            shutil.copytree(path, tmp, copy_function=os.link)
+            _remove(best)  # a directory cannot be renamed over a non-empty one
+        else:
+            os.link(path, tmp)
+        os.replace(tmp, best)
 
     def saved(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -177,21 +241,25 @@ class Manager:
     def _forget_after(self, step: int) -> None:
         stale = [p for p in self.saved() if int(_NAME.match(p.name).group(1)) > step]
         if step == 0:
-            stale += [p for p in (self.dir / "best.pt", self.dir / "latest") if p.exists()]
+            stale += [self.dir / name for name in ("best.pt", "best", "latest")]
         for p in stale:
-            p.unlink()
+            _remove(p)
 
 
 def check_compatible(
-    state: dict[str, Any], cfg: Config, classes: list[str], path: Path | None
+    state: dict[str, Any], cfg: Config, classes: list[str], path: Path | None, world_size: int
 ) -> None:
-    """A checkpoint of another model or dataset cannot continue this run: say which key."""
+    """A checkpoint of another model or dataset cannot continue this run: say which key.
+    Sharded state (ZeRO) also needs the world size that wrote it."""
     saved = state["config"]
-    for key, now, then in (
+    checks = [
         ("model.name", cfg.model.name, saved["model"]["name"]),
         ("data.image_size", cfg.data.image_size, saved["data"]["image_size"]),
         ("number of classes", len(classes), len(state["classes"])),
-    ):
+    ]
+    if "shards" in state["strategy"]:
+        checks.append(("processes", world_size, state["strategy"]["world_size"]))
+    for key, now, then in checks:
         if now != then:
             raise UserError(
                 f"checkpoint {str(path)!r} was trained with {key}={then}, this run has {now}; "
@@ -206,8 +274,15 @@ def restore_rng(state: dict[str, Any], rank: int) -> None:
 
 
 def model_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The plain model state_dict inside a checkpoint (or an export, which is only that)."""
-    return state["strategy"]["model"] if "strategy" in state else state["model"]
+    """The plain model state_dict inside a checkpoint (or an export, which is only that);
+    from sharded checkpoints, consolidated in fp32."""
+    if "strategy" not in state:
+        return state["model"]
+    if "shards" in state["strategy"]:
+        from distnn.parallel.deepspeed import consolidate
+
+        return consolidate(state["strategy"]["shards"])
+    return state["strategy"]["model"]
 
 
 def export(source: str | Path, out: str | Path) -> Path:

@@ -119,13 +119,28 @@ class DistConfig:
 
 @dataclass
 class StrategyConfig:
-    name: Literal["auto", "single", "ddp"] = _f("auto", "auto: ddp above one process, else single")
+    name: Literal["auto", "single", "ddp", "deepspeed"] = _f(
+        "auto", "auto: ddp above one process, else single"
+    )
     bucket_cap_mb: float = _f(25.0, "ddp: gradient bucket size, MiB")
     gradient_as_bucket_view: bool = _f(True, "ddp: gradients alias the buckets (saves a copy)")
     static_graph: bool = _f(False, "ddp: the graph is the same every step (enables optimisations)")
     find_unused_parameters: bool = _f(False, "ddp: allow parameters that get no gradient")
     broadcast_buffers: bool = _f(True, "ddp: rank 0's buffers (BN stats) sent every forward")
     sync_batchnorm: bool = _f(False, "ddp: convert BatchNorm to SyncBatchNorm")
+    zero_stage: Literal[0, 1, 2, 3] = _f(
+        2, "deepspeed: ZeRO stage (1 optimizer state, 2 +gradients, 3 +parameters sharded)"
+    )
+    offload_optimizer: Literal["none", "cpu"] = _f(
+        "none", "deepspeed: optimizer state and step on the CPU (ZeRO 1-3)"
+    )
+    offload_param: Literal["none", "cpu"] = _f("none", "deepspeed: parameters on the CPU (ZeRO 3)")
+    offload_pin_memory: bool = _f(True, "deepspeed: pinned CPU buffers for offload (CUDA)")
+    overlap_comm: bool = _f(False, "deepspeed: overlap gradient reduction with backward")
+    contiguous_gradients: bool = _f(True, "deepspeed: copy gradients into one buffer")
+    reduce_bucket_size: int = _f(500_000_000, "deepspeed: elements per gradient reduction")
+    allgather_bucket_size: int = _f(500_000_000, "deepspeed: elements per parameter all-gather")
+    ds_config: str = _f("", "deepspeed: JSON merged over the generated config ('auto' = ours)")
 
 
 @dataclass

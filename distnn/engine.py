@@ -132,7 +132,7 @@ class Engine:
             raise UserError(
                 f"non-finite training loss before step {self.pos.step}; not checkpointing it"
             )
-        self.ckpt.save(self.state_dict(), self.pos.step, best=best)
+        self.ckpt.save(self.state_dict(), self.pos.step, best, self.strategy.save_shards)
 
     # --- the loop -------------------------------------------------------------------------
 

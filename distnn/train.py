@@ -80,7 +80,7 @@ def train(cfg: Config) -> dict[str, Any]:
     ckpt = checkpoint.Manager(cfg.ckpt, cfg.run_dir, env.is_main)
     state = ckpt.restore()
     if state is not None:
-        checkpoint.check_compatible(state, cfg, loaders.classes, ckpt.restored_from)
+        checkpoint.check_compatible(state, cfg, loaders.classes, ckpt.restored_from, env.world_size)
     start = state["position"]["step"] if state else 0
 
     strategy = parallel.build(cfg, env, device, precision)
@@ -89,6 +89,7 @@ def train(cfg: Config) -> dict[str, Any]:
         forward = strategy.setup(model, optimizer, scheduler)
         seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
         run = monitor.Run(cfg, env, steps, start)
+        run.message(f"strategy: {strategy.describe()}")
         if cfg.model.compile:
             forward = compile_model(forward, device, run)
         preemption = preempt.Watcher(cfg.dist.timeout_s)
@@ -122,6 +123,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML preset (configs/*.yaml); defaults apply without it")
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     p.add_argument("--help-config", action="store_true", help="list every config key, exit")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 

@@ -9,6 +9,7 @@ import torch
 from distnn.config import Config
 from distnn.errors import UserError
 from distnn.parallel.ddp import DDP
+from distnn.parallel.deepspeed import DeepSpeed
 from distnn.parallel.env import Env, detect
 from distnn.parallel.single import SingleProcess
 from distnn.parallel.strategy import Strategy
@@ -17,6 +18,7 @@ from distnn.precision import Precision
 _REGISTRY: dict[str, Callable[[Config, Env, torch.device, Precision], Strategy]] = {
     "single": lambda cfg, env, device, precision: SingleProcess(precision),
     "ddp": lambda cfg, env, device, precision: DDP(precision, cfg.strategy, device),
+    "deepspeed": lambda cfg, env, device, precision: DeepSpeed(cfg, env, precision, device),
 }
 
 

@@ -7,6 +7,7 @@ import contextlib
 import inspect
 
 import torch
+import torch.distributed as td
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -49,6 +50,12 @@ class DDP(SingleProcess):
             **{_SYNC_BUFFERS: self.cfg.broadcast_buffers},
         )
         return self.ddp
+
+    def describe(self) -> str:
+        return (
+            f"ddp over {td.get_backend()}, {td.get_world_size()} processes, "
+            f"buckets {self.cfg.bucket_cap_mb:g} MiB, precision {self.precision.name}"
+        )
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.ddp.no_sync()

@@ -12,12 +12,17 @@ from distnn.precision import Precision
 
 
 class SingleProcess:
+    save_shards = None  # every rank holds the whole state: state_dict() has it all
+
     def __init__(self, precision: Precision) -> None:
         self.precision = precision
         self.scaler = precision.grad_scaler()
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
+
+    def describe(self) -> str:
+        return f"single process, precision {self.precision.name}"
 
     def setup(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any

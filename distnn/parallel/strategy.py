@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -11,6 +13,13 @@ from torch import nn
 
 class Strategy(Protocol):
     """What engine.py calls; it never asks which strategy it holds."""
+
+    # Where a strategy's state is split across ranks (ZeRO), a collective that writes every
+    # rank's part into a checkpoint directory; None where state_dict() holds everything.
+    save_shards: Callable[[Path], None] | None
+
+    def describe(self) -> str:
+        """One line for the run log: the strategy and its main settings."""
 
     def setup(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any

@@ -1,0 +1,234 @@
+"""DeepSpeed ZeRO: optimizer state (stage 1), gradients (2) and parameters (3) sharded over
+the ranks, optionally offloaded to CPU memory, behind the same Strategy as DDP.
+
+distnn owns the accumulation boundary: the engine runs with managed_gradient_accumulation off,
+so `backward` accumulates each micro-batch (the loss arrives already divided by accum_steps,
+hence scale_wrt_gas=False) and `step` — called once per optimizer step — reduces, clips, steps
+the optimizer and the LR schedule. Checkpoints are DeepSpeed's own sharded files, one set per
+rank, inside distnn's checkpoint directory (checkpoint.Manager makes that atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as td
+from torch import nn
+
+from distnn.config import Config
+from distnn.errors import UserError
+from distnn.parallel import deepspeed_config
+from distnn.parallel.env import Env
+from distnn.precision import Precision
+
+TAG = "deepspeed"  # the subdirectory of a checkpoint directory that holds DeepSpeed's files
+
+
+def _quiet() -> contextlib.ExitStack:
+    """DeepSpeed prints config dumps and progress bars on every rank: not ours to show."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    logger = logging.getLogger("DeepSpeed")  # its handler holds the real stderr
+    stack.callback(logger.setLevel, logger.level)
+    logger.setLevel(logging.ERROR)
+    return stack
+
+
+def _require_deepspeed() -> Any:
+    if not torch.cuda.is_available():
+        # Its CPU accelerator, chosen without the "unable to detect a GPU" warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise UserError(
+            f"strategy.name=deepspeed needs the deepspeed package ({e}); "
+            "install it with `pip install --no-build-isolation -e '.[deepspeed]'`"
+        ) from None
+    return deepspeed
+
+
+def _check(cfg: Config) -> None:
+    """What DeepSpeed's engine cannot do the way distnn's other strategies do."""
+    if cfg.train.nonfinite == "skip":
+        raise UserError(
+            "train.nonfinite=skip is not available with strategy.name=deepspeed (the engine "
+            "measures the gradient norm inside its own step); use train.nonfinite=raise"
+        )
+    if cfg.model.compile:
+        raise UserError(
+            "model.compile=true is not available with strategy.name=deepspeed; set it to false"
+        )
+    if cfg.strategy.sync_batchnorm:
+        raise UserError("strategy.sync_batchnorm is a ddp option; set it to false with deepspeed")
+
+
+class DeepSpeed:
+    def __init__(self, cfg: Config, env: Env, precision: Precision, device: torch.device) -> None:
+        _check(cfg)
+        self.deepspeed = _require_deepspeed()
+        # Built (and checked) before any process group forms.
+        self.ds_config = deepspeed_config.build(cfg, env.world_size)
+        self.cfg, self.env, self.precision, self.device = cfg, env, precision, device
+        self.engine: Any = None
+        self.optimizer_name = ""
+        self.norm = torch.full((), math.nan, device=device)
+
+    def describe(self) -> str:
+        zero = self.ds_config["zero_optimization"]
+        offload = [k for k in ("offload_optimizer", "offload_param") if k in zero]
+        return (
+            f"deepspeed ZeRO-{zero['stage']}"
+            + (f" ({', '.join(offload)} to cpu)" if offload else "")
+            + f", optimizer {self.optimizer_name}, {self.env.world_size} process(es)"
+        )
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def setup(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> nn.Module:
+        if not td.is_initialized():
+            # A lone process (python -m distnn.train) still needs a group for the engine.
+            td.init_process_group(
+                "nccl" if self.device.type == "cuda" else "gloo",
+                store=td.HashStore(),
+                rank=0,
+                world_size=1,
+                timeout=datetime.timedelta(seconds=self.cfg.dist.timeout_s),
+            )
+        # DeepSpeed's ZeRO calls the collective torch 2.14 renamed: a warning per call.
+        warnings.filterwarnings("ignore", r".*all_gather_into_tensor.*deprecated", FutureWarning)
+        if "optimizer" in self.ds_config:  # the user's JSON names DeepSpeed's own optimizer
+            optimizer, scheduler = None, None if "scheduler" in self.ds_config else scheduler
+            self.optimizer_name = f"{self.ds_config['optimizer'].get('type')} (ds_config)"
+        else:
+            optimizer, scheduler = self._optimizer(optimizer, scheduler)
+        with _quiet():
+            self.engine, *_ = self.deepspeed.initialize(
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=self.ds_config,
+                dist_init_required=False,
+            )
+        return self.engine
+
+    def _optimizer(
+        self, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> tuple[torch.optim.Optimizer, Any]:
+        """distnn's optimizer, or DeepSpeed's fused version of the same AdamW where it has
+        one: DeepSpeedCPUAdam when the optimizer is offloaded, FusedAdam on CUDA."""
+        offload = self.cfg.strategy.offload_optimizer != "none"
+        if not isinstance(optimizer, torch.optim.AdamW) or not (
+            offload or self.device.type == "cuda"
+        ):
+            self.optimizer_name = type(optimizer).__name__
+            return optimizer, scheduler
+        d = optimizer.defaults
+        # Each group keeps its weight decay; "initial_lr" is the peak LR the schedule scales.
+        groups = [
+            {"params": g["params"], "weight_decay": g["weight_decay"], "lr": g["initial_lr"]}
+            for g in optimizer.param_groups
+        ]
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            fused = DeepSpeedCPUAdam(groups, betas=d["betas"], eps=d["eps"], adamw_mode=True)
+        else:
+            from deepspeed.ops.adam import FusedAdam
+
+            fused = FusedAdam(groups, betas=d["betas"], eps=d["eps"], adam_w_mode=True)
+        self.optimizer_name = type(fused).__name__
+        return fused, torch.optim.lr_scheduler.LambdaLR(fused, scheduler.lr_lambdas)
+
+    # --- the step -------------------------------------------------------------------------
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        # Unmanaged accumulation already keeps gradients local until step() (ZeRO-2/3 reduce
+        # each micro-batch into their shards: that is how they partition gradients).
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """The engine clips inside step() (gradient_clipping = train.clip_grad_norm) and
+        measures the norm there: the tensor returned here holds it once step() has run."""
+        return self.norm
+
+    def step(self) -> torch.Tensor | None:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            self.norm.copy_(norm.reshape(()))
+        else:  # a float, or None where no norm was needed (ZeRO-0 in fp32 without clipping)
+            self.norm.fill_(math.nan if norm is None else norm)
+        if self.precision.name == "fp16":  # the engine's loss scaler may have skipped it
+            return torch.tensor(self.engine.was_step_applied(), device=self.device)
+        return None
+
+    def discard(self) -> None:
+        self.engine.optimizer.zero_grad()
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def unwrap(self) -> nn.Module:
+        return self.engine.module
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def save_shards(self, directory: Path) -> None:
+        """Every rank writes its shard of the model and optimizer under directory/TAG."""
+        with _quiet():
+            self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The model, optimizer, scheduler and loss scale are in the shards.
+        return {
+            "format": "deepspeed",
+            "zero_stage": self.ds_config["zero_optimization"]["stage"],
+            "world_size": self.env.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != "deepspeed":
+            raise UserError("the checkpoint was not written by strategy.name=deepspeed")
+        stage = self.ds_config["zero_optimization"]["stage"]
+        if state["zero_stage"] != stage:  # (the world size was checked before the group formed)
+            raise UserError(
+                f"checkpoint {state['shards']!r} holds ZeRO-{state['zero_stage']} shards, this "
+                f"run is ZeRO-{stage}: resume with strategy.zero_stage={state['zero_stage']}"
+            )
+        with _quiet():
+            path, _ = self.engine.load_checkpoint(state["shards"], tag=TAG)
+        if path is None:
+            raise UserError(f"no DeepSpeed shards under {state['shards']}/{TAG}")
+
+
+def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state_dict from a checkpoint's shards, loadable strict into the
+    plain model: DeepSpeed's zero_to_fp32 merges the fp32 master shards; without ZeRO the
+    engine saved the whole module."""
+    _require_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    files = Path(directory) / TAG
+    if not any(files.glob("*_optim_states.pt")):
+        module = torch.load(
+            files / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    with _quiet():
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)

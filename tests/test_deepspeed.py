@@ -1,0 +1,242 @@
+"""DeepSpeed ZeRO behind the Strategy interface: real engines on 2 torchrun processes (gloo,
+DeepSpeed's CPU accelerator), compared with DDP on the same data and seed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distnn import checkpoint, models
+from distnn.errors import UserError
+from distnn.monitor import read_metrics
+from distnn.parallel import deepspeed_config
+from distnn.predict import main as predict
+from distnn.train import train
+from tests.conftest import FAST, run_cli
+from tests.test_distributed import assert_same_params, losses, torchrun
+
+pytest.importorskip("deepspeed")
+
+# 10 steps of global batch 16 (2 × 8) on tutorial_cnn, fp32, SGD with momentum.
+COMMON = [*FAST, "train.max_steps=10", "train.log_every=1", "data.synthetic_train=256",
+          "optim.lr=0.05", "ckpt.epoch_end=false", "precision=fp32",
+          "dist.timeout_s=120"]  # fmt: skip
+ZERO = ["strategy.name=deepspeed"]
+
+
+def launch(root: Path, name: str, *overrides: str, restarts: int = 0, env: dict | None = None):
+    r = torchrun(2, f"--max-restarts={restarts}", "-m", "distnn.train", f"run.dir={root}",
+                 f"run.name={name}", *COMMON, *overrides, env=env, timeout=400)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / name, r
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    # The first engine compiles DeepSpeed's shared-memory op (JIT, cached): build it here,
+    # outside any test's timeout, alongside DeepSpeedCPUAdam for the offload test.
+    from deepspeed.ops.op_builder import CPUAdamBuilder, ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
+    CPUAdamBuilder().load(verbose=False)
+    return tmp_path_factory.mktemp("ds")
+
+
+@pytest.fixture(scope="module")
+def ddp(root) -> Path:
+    run_dir, _ = launch(root, "ddp", "train.batch_size=8", "strategy.name=ddp")
+    return run_dir
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.model_state(checkpoint.load_file(run_dir))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_matches_ddp(root, ddp, tmp_path, stage):
+    if stage == 1:  # stage 1 comes from a user's JSON, its "auto" values filled by distnn
+        ds = tmp_path / "ds.json"
+        ds.write_text(json.dumps({
+            "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "zero_optimization": {"stage": 1, "reduce_bucket_size": "auto"},
+        }))  # fmt: skip
+        args = [f"strategy.ds_config={ds}"]
+    else:
+        args = [f"strategy.zero_stage={stage}"]
+    run_dir, r = launch(root, f"zero{stage}", "train.batch_size=8", *ZERO, *args)
+    assert f"strategy: deepspeed ZeRO-{stage}, optimizer SGD, 2 process(es)" in r.stdout
+    assert len(losses(run_dir)) == 10
+    assert losses(run_dir) == pytest.approx(losses(ddp), rel=1e-4)
+    assert_same_params(final_weights(run_dir), final_weights(ddp), rtol=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_zero2_accumulation_matches_ddp(root, ddp):
+    # 2 ranks × 2 micro-batches of 4: the same global batch of 16 as DDP's 2 × 8, whose
+    # equivalence with DDP accumulating 2 × 4 tests/test_distributed.py shows.
+    run_dir, _ = launch(root, "zero2_accum", "train.batch_size=4", "train.accum_steps=2", *ZERO)
+    assert losses(run_dir) == pytest.approx(losses(ddp), rel=1e-4)
+    assert_same_params(final_weights(run_dir), final_weights(ddp), rtol=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_zero2_bf16_learns(root):
+    # bf16 is emulated on CPUs without avx512_bf16: 16 px keeps it short.
+    run_dir, _ = launch(root, "bf16", *ZERO, "precision=bf16", "train.max_steps=48",
+                        "train.batch_size=16", "data.image_size=16", "data.synthetic_train=512",
+                        "data.synthetic_val=256", "optim.lr=0.1", "train.log_every=4")  # fmt: skip
+    records = read_metrics(run_dir)
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    assert train_losses[-1] < 0.85 * train_losses[0]
+    assert records[-1]["val_top1"] >= 0.3  # chance is 0.1
+    # The consolidated weights are fp32 masters, not the bf16 copies the engine computed with.
+    assert all(v.dtype == torch.float32 for v in final_weights(run_dir).values())
+
+
+@pytest.mark.timeout(600)
+def test_zero2_optimizer_offload_uses_cpu_adam_and_matches_adamw(root, make_cfg):
+    adamw = ["optim.name=adamw", "optim.lr=0.003"]
+    run_dir, r = launch(root, "offload", "train.batch_size=8", *ZERO, *adamw,
+                        "strategy.offload_optimizer=cpu")  # fmt: skip
+    assert "ZeRO-2 (offload_optimizer to cpu), optimizer DeepSpeedCPUAdam" in r.stdout
+    # One process with the global batch is what DDP computes (tests/test_distributed.py).
+    ref = make_cfg("run.name=adamw", *COMMON, *adamw, "train.batch_size=16")
+    train(ref)
+    assert losses(run_dir) == pytest.approx(losses(ref.run_dir), rel=1e-5)
+    # Adam divides by sqrt(v): for near-zero gradients the last bits of DeepSpeedCPUAdam's
+    # vectorised arithmetic show, up to ~1e-5 on weights of ~0.1 (seen: 7e-6).
+    torch.testing.assert_close(
+        final_weights(run_dir), dict(final_weights(ref.run_dir)), rtol=1e-4, atol=3e-5
+    )
+
+
+@pytest.mark.timeout(600)
+def test_zero3_crash_resume_matches_uninterrupted_then_exports(root, tmp_path):
+    base = ["train.batch_size=8", *ZERO, "strategy.zero_stage=3", "ckpt.every_steps=4"]
+    whole, _ = launch(root, "zero3_whole", *base)
+    # Rank 1 dies after step 6; torchrun restarts the group, which resumes from step 4.
+    run_dir, r = launch(root, "zero3_crash", *base, restarts=1,
+                        env={"DISTNN_FAULT": "crash@step:6,rank:1"})  # fmt: skip
+    assert "resumed at step 4" in r.stdout
+    steps = [rec["step"] for rec in read_metrics(run_dir) if "loss" in rec]
+    assert steps == list(range(1, 11))
+    assert losses(run_dir) == pytest.approx(losses(whole), rel=1e-6)
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "best", "latest", "step_00000004", "step_00000008", "step_00000010",
+    ]  # fmt: skip
+    assert (checkpoints / "latest").read_text().strip() == "step_00000010"
+    assert not list(checkpoints.glob(".*"))  # no temporary directory left behind
+    assert_same_params(final_weights(run_dir), final_weights(whole), rtol=1e-6)
+
+    out = tmp_path / "model.pt"
+    e = run_cli("-m", "distnn.checkpoint", "export", str(run_dir), str(out))
+    assert e.returncode == 0, e.stderr
+    plain = torch.load(out, weights_only=True)
+    model = models.build("tutorial_cnn", 10, 32)
+    model.load_state_dict(plain, strict=True)
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(img)
+    assert predict(["--checkpoint", str(out), str(img)]) == predict(
+        ["--checkpoint", str(run_dir), str(img)]
+    )
+    # ZeRO shards belong to the world size that wrote them: one process cannot continue.
+    r = run_cli("-m", "distnn.train", f"run.dir={root}", "run.name=zero3_crash", *COMMON, *base,
+                "train.max_steps=12")  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "processes=2, this run has 1" in r.stderr
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_launcher_runs_the_same_command(root):
+    # It appends --local_rank=N to the arguments and sets RANK/WORLD_SIZE like torchrun.
+    r = run_cli(str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=2",
+                "--master_port=29731", "--module", "distnn.train", f"run.dir={root}",
+                "run.name=launcher", *COMMON, "train.max_steps=4", *ZERO, timeout=280)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((root / "launcher" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+
+
+def test_generated_config_follows_distnn(make_cfg):
+    cfg = make_cfg("strategy.name=deepspeed", "strategy.zero_stage=3", "train.batch_size=8",
+                   "train.accum_steps=4", "precision=bf16", "train.clip_grad_norm=1.5",
+                   "strategy.offload_param=cpu", "strategy.offload_optimizer=cpu")  # fmt: skip
+    ds = deepspeed_config.build(cfg, world_size=4)
+    assert ds["train_batch_size"] == 8 * 4 * 4
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["managed_gradient_accumulation"] is False
+    assert ds["gradient_clipping"] == 1.5
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+
+
+def test_user_config_auto_values_and_conflicts(make_cfg, tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({
+        "train_batch_size": 32, "train_micro_batch_size_per_gpu": "auto",
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"},
+        "bf16": {"enabled": "auto"}, "optimizer": {"type": "Adam", "params": {"lr": "auto"}},
+    }))  # fmt: skip
+    common = ["strategy.name=deepspeed", "train.accum_steps=2", "strategy.reduce_bucket_size=7"]
+    ds = deepspeed_config.build(make_cfg(*common, "train.batch_size=8",
+                                         f"strategy.ds_config={user}"), world_size=2)  # fmt: skip
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["zero_optimization"]["stage"] == 3  # the user's explicit value wins
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 7  # "auto": distnn's
+    assert ds["zero_optimization"]["contiguous_gradients"] is True  # unset: distnn's
+    assert ds["bf16"] == {"enabled": False}
+    # DeepSpeed's own optimizer, its "auto" hyperparameters distnn's (lr: the peak LR)
+    assert ds["optimizer"] == {
+        "type": "Adam",
+        "params": {"lr": 0.1, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 5e-4},
+    }
+    with pytest.raises(UserError, match=r"scheduler.params.x='auto' but distnn has no value"):
+        deepspeed_config.merge(ds, {"scheduler": {"params": {"x": "auto"}}})
+    with pytest.raises(UserError, match=r"train_batch_size=32.*gives 48"):
+        deepspeed_config.build(make_cfg(*common, "train.batch_size=12",
+                                        f"strategy.ds_config={user}"), world_size=2)  # fmt: skip
+
+
+def test_conflicting_batch_size_is_one_line_before_any_process_group(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 256, "train_micro_batch_size_per_gpu": "auto"}))
+    r = run_cli("-m", "distnn.train", f"run.dir={tmp_path}", *FAST, "train.batch_size=32",
+                "strategy.name=deepspeed", f"strategy.ds_config={ds}")  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "train_batch_size=256" in err and "gives 32" in err
+    assert not (tmp_path / "default").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["strategy.offload_param=cpu"], "needs strategy.zero_stage=3"),
+        (["strategy.zero_stage=0", "strategy.offload_optimizer=cpu"], "zero_stage 1, 2 or 3"),
+        (["train.nonfinite=skip"], "train.nonfinite=raise"),
+        (["strategy.ds_config=/nonexistent.json"], "/nonexistent.json"),
+    ],
+)
+def test_unsupported_combinations_are_refused(make_cfg, overrides, expected):
+    from distnn import parallel
+    from distnn.parallel.env import Env
+    from distnn.precision import build
+
+    cfg = make_cfg("strategy.name=deepspeed", *overrides)
+    cpu = torch.device("cpu")
+    with pytest.raises(UserError, match=expected):
+        parallel.build(cfg, Env(), cpu, build("fp32", cpu))
