@@ -25,6 +25,47 @@ def make_cfg(tmp_path):
     return make
 
 
+# The tests that use the session's Slurm clusters run on one xdist worker, so the clusters
+# start once. Their xdist_group("cluster") mark cannot do it here: pytest-xdist 3.8 tags the
+# group onto item._nodeid, which pytest 9 no longer reads, so `--dist loadgroup` splits the
+# group. This scheduler groups them by file instead, under `-n N` with load or loadgroup.
+CLUSTER_TESTS = ("tests/test_slurm.py", "tests/test_submit.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None  # xdist's own for the other modes
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterTestsTogether(LoadScopeScheduling):
+        """Every test its own unit of work, except the cluster tests: one unit, sent first
+        (units go out largest first)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return "cluster" if nodeid.startswith(CLUSTER_TESTS) else nodeid
+
+    return ClusterTestsTogether(config, log)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node Slurm (tests/cluster.py) for the whole session."""
+    from tests import cluster
+
+    with cluster.single_node(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def two_host_cluster(tmp_path_factory):
+    """A real two-node Slurm on two network-namespace hosts, dnn1 and dnn2."""
+    from tests import cluster
+
+    with cluster.two_hosts(tmp_path_factory.mktemp("hosts")) as c:
+        yield c
+
+
 def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None, env: dict | None = None):
     """Run `python -m ...` in a fresh process (exit codes and stderr as a user sees them)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
