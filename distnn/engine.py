@@ -69,6 +69,7 @@ class Engine:
         )
         self.last_val: dict[str, float] = {}
         self.last_train_loss = math.nan
+        self.start = time.perf_counter()
         self.images_per_sec = math.nan
         self.fault = faults.from_env()
         self.rank = dist.rank()
@@ -139,14 +140,18 @@ class Engine:
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
         epochs = math.ceil(self.total / self.steps_per_epoch)
-        start = time.perf_counter()
+        self.start = start = time.perf_counter()
         while self.pos.step < self.total and self.pos.epoch < epochs:
             self.train_epoch()
             last = self.pos.step >= self.total
             best = False
             if last or self.pos.epoch % t.eval_every == 0:
                 self.last_val = self.evaluate()
-                self.run.log({"step": self.pos.step, "epoch": self.pos.epoch, **self.last_val})
+                elapsed = time.perf_counter() - start
+                self.run.log(
+                    {"step": self.pos.step, "epoch": self.pos.epoch, "elapsed_s": elapsed}
+                    | self.last_val
+                )
                 best = self.ckpt.improves(self.last_val)
             if self.cfg.ckpt.epoch_end or best:
                 self.save(best=best)
@@ -263,6 +268,7 @@ class Engine:
             "epoch": round(self.pos.epoch + self.pos.batch / self.loaders.steps_per_epoch, 4),
             "loss": loss,
             "lr": self.strategy.lr(),
+            "elapsed_s": time.perf_counter() - self.start,  # since this attempt's fit() began
             **rates,  # images/s, step time, data wait, memory; on CUDA TFLOP/s and MFU
             # non-finite steps dropped, plus fp16 steps the loss scaler skipped
             "skipped_steps": self.skipped + int(self.overflows),

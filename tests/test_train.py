@@ -14,7 +14,8 @@ from distnn import checkpoint, config
 from distnn.monitor import read_metrics
 from distnn.train import train
 
-TRAIN_FIELDS = {"step", "epoch", "loss", "lr", "images_per_sec", "step_time_s", "data_wait"}
+TRAIN_FIELDS = {"step", "epoch", "loss", "lr", "images_per_sec", "step_time_s", "data_wait",
+                "elapsed_s"}  # fmt: skip
 SUMMARY_FIELDS = {
     "train_loss", "val_loss", "val_top1", "val_top5", "images_per_sec", "steps", "epochs",
     "world_size", "wall_s",
@@ -57,6 +58,9 @@ def test_metrics_jsonl_has_the_fields(trained):
         assert r["images_per_sec"] > 0 and 0 <= r["data_wait"] <= 1
     steps = [r["step"] for r in train_records]
     assert steps == sorted(steps) and steps[-1] == 96
+    # Wall time since training began: rising through train and eval records alike.
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and 0 < elapsed[0] < elapsed[-1]
     # The loss falls: the last interval is well below the first (chance is ln 10 = 2.30).
     assert train_records[-1]["loss"] < 0.5 * train_records[0]["loss"]
     for r in val_records:
