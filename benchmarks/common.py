@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -83,3 +84,16 @@ def describe(m: dict) -> str:
         f"{where}; torch {m['torch']}; commit {m['git_commit']}; {m['date']}. "
         f"Load average {m['load_avg_start'][0]:.2f} at start, {m['load_avg_end'][0]:.2f} at end."
     )
+
+
+def parser(module: str, doc: str | None, quick: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --quick, --out, and --worker for its child processes."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # a child process: its result file
+    return p

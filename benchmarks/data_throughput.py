@@ -18,7 +18,6 @@ with min and max. Writes results/data_throughput.json (with machine info) and .m
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import RESULTS, describe, machine, timed
+from benchmarks.common import describe, machine, parser, timed
 
 KINDS = {
     # name: (extension, image size the model trains at, batch size, images full / quick)
@@ -213,11 +212,8 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.data_throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a CI-sized run (fewer images)")
+    p = parser("benchmarks.data_throughput", __doc__, "a CI-sized run (fewer images)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per figure (>= 5)")
-    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     results = run(args.quick, args.repeats, args.out)
     print(markdown(results))

@@ -1,17 +1,24 @@
-"""`make bench`: every benchmark, results under benchmarks/results/ (BENCH=quick: CI-sized).
+"""`make bench`: every benchmark, then results/README.md with tables and plots
+(BENCH=quick: CI-sized).
 
-python -m benchmarks.run [--quick] [--repeats 5]
+python -m benchmarks.run [--quick] [--repeats 5] [--only NAME ...] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from benchmarks import data_throughput, train_throughput
+from benchmarks import data_throughput, end_to_end, report, train_throughput, zero_memory
 from benchmarks.common import RESULTS
 
-BENCHMARKS = {"data_throughput": data_throughput, "train_throughput": train_throughput}
+BENCHMARKS = {
+    "data_throughput": data_throughput,
+    "train_throughput": train_throughput,
+    "zero_memory": zero_memory,
+    "end_to_end": end_to_end,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,11 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="CI-sized runs")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per figure")
     p.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run just these")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
     for name in args.only or BENCHMARKS:
         print(f"== {name}", flush=True)
         module = BENCHMARKS[name]
-        print(module.markdown(module.run(args.quick, args.repeats, RESULTS)), flush=True)
+        print(module.markdown(module.run(args.quick, args.repeats, args.out)), flush=True)
+    print(f"{args.out / 'README.md'}: {', '.join(report.write(args.out))}")
 
 
 if __name__ == "__main__":

@@ -107,8 +107,9 @@ class DeepSpeed:
                 world_size=1,
                 timeout=datetime.timedelta(seconds=self.cfg.dist.timeout_s),
             )
-        # DeepSpeed's ZeRO calls the collective torch 2.14 renamed: a warning per call.
-        warnings.filterwarnings("ignore", r".*all_gather_into_tensor.*deprecated", FutureWarning)
+        # DeepSpeed's ZeRO calls collectives torch 2.14 renamed: a warning per call.
+        renamed = r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated"
+        warnings.filterwarnings("ignore", renamed, FutureWarning)
         if "optimizer" in self.ds_config:  # the user's JSON names DeepSpeed's own optimizer
             optimizer, scheduler = None, None if "scheduler" in self.ds_config else scheduler
             self.optimizer_name = f"{self.ds_config['optimizer'].get('type')} (ds_config)"

@@ -1,0 +1,211 @@
+"""Per-rank memory of DDP and DeepSpeed ZeRO 1/2/3 (+ optimizer offload), against the formulas.
+
+    python -m benchmarks.zero_memory [--quick] [--out benchmarks/results]
+
+A wide MLP (6 × Linear 4096→4096, 101 M parameters; 4 layers at --quick) trains 3 AdamW
+steps in fp32 on 2 torchrun processes through distnn's own strategies. Each rank reports the
+peak memory of those steps above what it held before the model was built: on CPU the
+high-water RSS (VmHWM, reset once the strategy is set up) minus the RSS after the imports and
+the process group; on CUDA torch.cuda.max_memory_allocated likewise. It reports too what it
+still holds after the steps (VmRSS, or memory_allocated): the state the formulas count, without
+the transient buffers of communication and gathered parameters. Beside each,
+the ZeRO paper's bytes for Ψ parameters on N ranks, fp32 with Adam (4 bytes of parameters,
+4 of gradients, 8 of Adam moments; DeepSpeed also keeps a 4-byte fp32 master partition):
+
+    DDP 16Ψ    ZeRO-1 8Ψ + 12Ψ/N    ZeRO-2 4Ψ + 16Ψ/N    ZeRO-3 20Ψ/N
+
+On CPU an offloaded optimizer stays in the same RAM: its row is predicted as ZeRO-2's.
+Writes results/zero_memory.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.common import RESULTS, describe, machine, parser
+
+WIDTH = 4096
+BUCKET = 20_000_000  # elements: small buckets, or 5e8-element buffers hide the savings
+
+CASES = {  # name: (overrides, predicted bytes per rank as (a, b): a·Ψ + b·Ψ/N)
+    "ddp": (["strategy.name=ddp"], (16, 0)),
+    "zero1": (["strategy.name=deepspeed", "strategy.zero_stage=1"], (8, 12)),
+    "zero2": (["strategy.name=deepspeed", "strategy.zero_stage=2"], (4, 16)),
+    # Stage 3 keeps up to stage3_max_live_parameters (default 1e9 elements: this whole model)
+    # gathered after use: bound it by a bucket too, as a user short of memory would.
+    "zero3": (
+        ["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.ds_config=LIVE"],
+        (0, 20),
+    ),
+    "zero2_offload": (
+        ["strategy.name=deepspeed", "strategy.zero_stage=2", "strategy.offload_optimizer=cpu"],
+        (4, 16),
+    ),
+}
+
+
+LABELS = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3",
+          "zero2_offload": "ZeRO-2 + optimizer offload (DeepSpeedCPUAdam)"}  # fmt: skip
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status memory line, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One torchrun process: build, train 3 steps, report the memory the training added."""
+    from distnn import config, optim, parallel
+    from distnn import precision as precision_lib
+    from distnn.parallel import dist
+
+    env = parallel.detect()
+    live = Path(args.worker).with_name("stage3.json")
+    live.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {
+                    "stage3_max_live_parameters": BUCKET,
+                    "stage3_max_reuse_distance": BUCKET,
+                }
+            }
+        )
+    )
+    case = [o.replace("LIVE", str(live)) for o in CASES[args.case][0]]
+    cfg = config.load(None, [*case, "optim.name=adamw", "optim.lr=1e-4", "train.batch_size=8",
+                             f"strategy.reduce_bucket_size={BUCKET}",
+                             f"strategy.allgather_bucket_size={BUCKET}",
+                             f"strategy.bucket_cap_mb={BUCKET * 4 / 2**20}"])  # fmt: skip
+    device = dist.device_for(env)
+    precision = precision_lib.build("fp32", device)
+    strategy = parallel.build(cfg, env, device, precision)
+    with dist.process_group(env, cfg.dist):
+        cuda = device.type == "cuda"
+        torch.manual_seed(0)
+        dist.barrier()
+        base = torch.cuda.memory_allocated() if cuda else _status("VmRSS")
+        layers = [m for _ in range(args.layers) for m in (nn.Linear(WIDTH, WIDTH), nn.ReLU())]
+        model = nn.Sequential(*layers[:-1]).to(device)
+        params = sum(p.numel() for p in model.parameters())
+        optimizer = optim.build_optimizer(model, cfg.optim, 8)
+        scheduler = optim.build_scheduler(optimizer, cfg.sched, 3)
+        forward = strategy.setup(model, optimizer, scheduler)
+        # The peak of the training steps, not of setup (where every rank still builds the
+        # whole model before the strategy shards it).
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        x = torch.randn(8, WIDTH, device=device)
+        for _ in range(3):
+            loss = forward(x).square().mean()
+            strategy.backward(loss)
+            strategy.step()
+        # A skipped (overflowing) step would allocate no optimizer state: measure real steps.
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{args.case}: loss {loss.item()} is not finite")
+        dist.barrier()
+        peak = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
+        resident = torch.cuda.memory_allocated() if cuda else _status("VmRSS")
+        added = torch.tensor([float(peak - base), float(resident - base)], device=device)
+        every = [torch.zeros_like(added) for _ in range(env.world_size)]
+        torch.distributed.all_gather(every, added)
+        report = {"params": params, "world_size": env.world_size, "strategy": strategy.describe(),
+                  "bytes_per_rank": [int(t[0].item()) for t in every],
+                  "resident_bytes_per_rank": [int(t[1].item()) for t in every]}  # fmt: skip
+    if env.is_main:
+        Path(args.worker).write_text(json.dumps(report))
+
+
+def measure(case: str, layers: int, nproc: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "memory.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "benchmarks.zero_memory", f"--worker={out}",
+               f"--case={case}", f"--layers={layers}"]  # fmt: skip
+        # A fixed mmap threshold: freed tensors go back to the OS at once, so RSS follows what
+        # is alive (glibc's adaptive threshold otherwise keeps freed setup buffers resident).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        subprocess.run(cmd, check=True, timeout=900, cwd=RESULTS.parents[1], env=env)
+        return json.loads(out.read_text())
+
+
+def run(quick: bool, repeats: int, out: Path) -> dict:
+    del repeats  # memory is not noisy like time: one run per case
+    results: dict = {"machine": machine(), "quick": quick, "rows": []}
+    layers, nproc = (4 if quick else 6), 2
+    for case, (_, (a, b)) in CASES.items():
+        row = {"case": case, **measure(case, layers, nproc)}
+        psi, n = row["params"], row["world_size"]
+        row["predicted_bytes"] = a * psi + b * psi / n
+        row["measured_bytes"] = max(row["bytes_per_rank"])
+        row["resident_bytes"] = max(row["resident_bytes_per_rank"])
+        row["ratio"] = row["measured_bytes"] / row["predicted_bytes"]
+        results["rows"].append(row)
+        print(f"{case:14} measured {row['measured_bytes'] / 2**30:.2f} GiB, predicted "
+              f"{row['predicted_bytes'] / 2**30:.2f} GiB, ratio {row['ratio']:.2f}",
+              flush=True)  # fmt: skip
+    ddp = results["rows"][0]
+    for row in results["rows"]:
+        row["vs_ddp"] = row["measured_bytes"] / ddp["measured_bytes"]
+        row["resident_ratio"] = row["resident_bytes"] / row["predicted_bytes"]
+        row["resident_vs_ddp"] = row["resident_bytes"] / ddp["resident_bytes"]
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "zero_memory.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "zero_memory.md").write_text(markdown(results))
+    return results
+
+
+def markdown(results: dict) -> str:
+    first = results["rows"][0]
+    kind = "CUDA allocated" if results["machine"]["gpu"] else "RSS"
+    lines = [
+        "# Memory per rank: DDP and ZeRO",
+        "",
+        f"{describe(results['machine'])}{' (quick run)' if results['quick'] else ''} "
+        f"MLP of {first['params'] / 1e6:.0f} M parameters, AdamW, fp32, {first['world_size']} "
+        f"processes, buckets of {BUCKET:,} elements; memory added: {kind} (the larger rank).",
+        "",
+        "| strategy | formula GiB | peak GiB | peak ÷ formula | peak ÷ DDP | resident GiB "
+        "| resident ÷ formula | resident ÷ DDP |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {LABELS[r['case']]} | {r['predicted_bytes'] / 2**30:.2f} "
+            f"| {r['measured_bytes'] / 2**30:.2f} | {r['ratio']:.2f} | {r['vs_ddp']:.2f} "
+            f"| {r['resident_bytes'] / 2**30:.2f} | {r['resident_ratio']:.2f} "
+            f"| {r['resident_vs_ddp']:.2f} |"
+        )
+    lines += ["", "Peak: the high-water mark of the 3 steps (gathered parameters, communication "
+              "buckets and temporaries included); resident: what the rank holds after them "
+              "(parameters, gradients, optimizer state: what the formula counts)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser("benchmarks.zero_memory", __doc__, "a smaller model")
+    p.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=int, default=6, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    print(markdown(run(args.quick, 1, args.out)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
