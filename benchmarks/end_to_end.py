@@ -8,8 +8,10 @@ scikit-learn's bundled handwritten digits (1,797 real scans, the data of `make d
 `python -m distnn.train` (1 process, every core) and `torchrun --nproc_per_node=2` (DDP over
 gloo, one thread each). Per run: seconds of training until val top-1 first reaches the target
 (the `elapsed_s` of that evaluation in metrics.jsonl), seconds from launch to exit (imports,
-process group and data included), and the final val top-1. Runs alternate between the two;
-median, min and max of the repeats; speed-up = 1-process seconds ÷ 2-process seconds.
+process group and data included), and the final val top-1. Repeat i runs both with
+train.seed=i: the two see different sample orders at one seed (each rank reads its own
+shards), so the epochs to the target differ by seed as much as by process count; medians over
+seeds compare them. Median, min and max; speed-up = 1-process seconds ÷ 2-process seconds.
 Writes results/end_to_end.json and .md.
 """
 
@@ -47,8 +49,9 @@ def make_shards(tmp: Path) -> Path:
     return shards
 
 
-def train_once(nproc: int, shards: Path, runs: Path, name: str, quick: bool) -> dict:
-    overrides = [f"data.root={shards}", f"run.dir={runs}", f"run.name={name}",
+def train_once(nproc: int, seed: int, shards: Path, runs: Path, quick: bool) -> dict:
+    name = f"p{nproc}-seed{seed}"
+    overrides = [f"data.root={shards}", f"run.dir={runs}", f"run.name={name}", f"train.seed={seed}",
                  "train.global_batch=64", "log.progress=off", "log.wandb.mode=disabled",
                  "log.tensorboard=false", "ckpt.resume=never"]  # fmt: skip
     if quick:
@@ -56,7 +59,9 @@ def train_once(nproc: int, shards: Path, runs: Path, name: str, quick: bool) -> 
     cmd = [*LAUNCHERS[nproc], "--config", "configs/digits.yaml", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun sets 1
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, timeout=1800, cwd=ROOT, env=env, capture_output=True)
+    done = subprocess.run(cmd, timeout=1800, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}")
     wall = time.perf_counter() - start
     target = QUICK_TARGET if quick else TARGET
     evals = [r for r in read_metrics(runs / name) if "val_top1" in r]
@@ -79,7 +84,7 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
         shards = make_shards(Path(tmp))
         for i in range(repeats):
             for nproc in runs:
-                got = train_once(nproc, shards, Path(tmp) / "runs", f"p{nproc}-{i}", quick)
+                got = train_once(nproc, i, shards, Path(tmp) / "runs", quick)
                 runs[nproc].append(got)
                 print(f"{nproc} process(es), run {i + 1}/{repeats}: {got}", flush=True)
     for nproc, got in runs.items():

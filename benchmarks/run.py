@@ -24,10 +24,11 @@ BENCHMARKS = {
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="CI-sized runs")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes per figure")
+    p.add_argument("--repeats", type=int, help="timed passes per figure (default 5; 2 quick)")
     p.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run just these")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.quick else 5)
     for name in args.only or BENCHMARKS:
         print(f"== {name}", flush=True)
         module = BENCHMARKS[name]

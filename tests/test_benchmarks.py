@@ -1,0 +1,118 @@
+"""`make bench` in quick mode (`python -m benchmarks.run --quick`): every benchmark runs end to
+end into a fresh folder, writes JSON of the documented shape, a table, a plot, and
+results/README.md. The figures' values are not checked (speed is not a unit test), their
+shape and consistency are: medians between min and max, one value per repeat, ratios that are
+the ratios of the figures beside them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, run_cli
+
+MACHINE = {"cpu", "cores", "gpu", "platform", "python", "torch", "torchvision", "webdataset",
+           "pillow", "git_commit", "load_avg_start", "load_avg_end", "date"}  # fmt: skip
+STATS = {"median", "min", "max", "runs"}
+
+
+def stats(value: dict, repeats: int | None = None) -> dict:
+    assert value.keys() == STATS, value.keys()
+    assert value["min"] <= value["median"] <= value["max"]
+    assert sorted(value["runs"])[0] == value["min"] and max(value["runs"]) == value["max"]
+    if repeats is not None:
+        assert len(value["runs"]) == repeats
+    return value
+
+
+def check_data(doc: dict) -> None:
+    kinds = {(r["data"], r["pipeline"], r["workers"]) for r in doc["rows"]}
+    assert {w for *_, w in kinds} == {1, 2}
+    assert {d for d, *_ in kinds} == {"32px PNG", "ImageNet-like JPEG"}
+    for r in doc["rows"]:
+        stats({k: r[k] for k in STATS}, doc["repeats"])
+        assert r["median"] > 0
+    by = {(r["data"], r["pipeline"], r["workers"]): r["median"] for r in doc["rows"]}
+    for q in doc["ratios"]:
+        shards = by[(q["data"], "shards", q["workers"])]
+        want = shards / by[(q["data"], "torchvision ImageFolder", q["workers"])]
+        assert q["vs_imagefolder"] == pytest.approx(want)
+
+
+def check_train(doc: dict) -> None:
+    models = {r["model"] for r in doc["compare"]}
+    assert {"linear", "tutorial_cnn", "resnet18"} <= models  # resnet50 224 px: full runs only
+    for r in doc["compare"]:
+        for key in ("distnn", "bare", "ratio", "overhead_us_per_step"):
+            stats(r[key], doc["repeats"])
+        pairs = zip(r["distnn"]["runs"], r["bare"]["runs"], strict=True)
+        assert r["ratio"]["runs"] == pytest.approx([a / b for a, b in pairs])
+        # The baseline did the same work: equal images always, equal weights in fp32.
+        want = "images and final weights" if r["precision"] == "fp32" else "images"
+        assert r["same_work_checked"] == want
+    assert {"fp32", "bf16"} <= {r["precision"] for r in doc["compare"]}
+    for r in doc["scaling"]:
+        one, two = stats(r["one"]), stats(r["two"])
+        assert r["efficiency"] == pytest.approx(two["median"] / (2 * one["median"]))
+    assert {r["accum"] for r in doc["scaling"]} == {1, 2}
+
+
+def check_memory(doc: dict) -> None:
+    cases = [r["case"] for r in doc["rows"]]
+    assert cases == ["ddp", "zero1", "zero2", "zero3", "zero2_offload"]
+    psi, n = doc["rows"][0]["params"], doc["rows"][0]["world_size"]
+    assert n == 2
+    formula = {"ddp": 16 * psi, "zero1": 8 * psi + 12 * psi / n, "zero3": 20 * psi / n}
+    for r in doc["rows"]:
+        assert r["params"] == psi and len(r["bytes_per_rank"]) == n
+        assert r["measured_bytes"] == max(r["bytes_per_rank"]) > 0
+        assert r["resident_bytes"] == max(r["resident_bytes_per_rank"]) > 0
+        if r["case"] in formula:
+            assert r["predicted_bytes"] == pytest.approx(formula[r["case"]])
+        assert r["ratio"] == pytest.approx(r["measured_bytes"] / r["predicted_bytes"])
+    assert "CPUAdam" in doc["rows"][-1]["strategy"]  # the offload row ran DeepSpeed's optimizer
+
+
+def check_end_to_end(doc: dict) -> None:
+    one, two = doc["rows"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    for r in doc["rows"]:
+        assert r["reached"] == doc["repeats"]  # the quick target (0.5) is reached every time
+        for key in ("seconds_to_target", "wall_s", "final_val_top1"):
+            stats(r[key], doc["repeats"])
+        assert r["seconds_to_target"]["max"] < r["wall_s"]["min"]
+    speedup = one["seconds_to_target"]["median"] / two["seconds_to_target"]["median"]
+    assert doc["speedup_to_target"] == pytest.approx(speedup)
+
+
+CHECKS = {"data_throughput": check_data, "train_throughput": check_train,
+          "zero_memory": check_memory, "end_to_end": check_end_to_end}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, float, str]:
+    out = tmp_path_factory.mktemp("bench")
+    start = time.perf_counter()
+    r = run_cli("-m", "benchmarks.run", "--quick", f"--out={out}", timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, time.perf_counter() - start, r.stdout
+
+
+@pytest.mark.timeout(660)
+@pytest.mark.parametrize("name", CHECKS)
+def test_quick_bench_writes_json_table_and_plot(quick, name):
+    out, _, stdout = quick
+    doc = json.loads((out / f"{name}.json").read_text())
+    assert doc["quick"] is True
+    assert doc["machine"].keys() >= MACHINE and doc["machine"]["git_commit"] != "unknown"
+    CHECKS[name](doc)
+    table = (out / f"{name}.md").read_text()
+    assert table in stdout  # printed as written
+    with Image.open(out / f"{name}.png") as png:
+        assert png.format == "PNG" and min(png.size) > 200
+    report = (out / "README.md").read_text()
+    assert f"![{name}]({name}.png)" in report and "#" + table.strip() in report
