@@ -6,6 +6,7 @@ python -m distnn.train --config configs/cifar10_resnet18.yaml optim.lr=0.05 trai
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import shutil
 import sys
@@ -93,6 +94,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if cfg.model.compile:
             forward = compile_model(forward, device, run)
         preemption = preempt.Watcher(cfg.dist.timeout_s)
+        engine = None
         try:
             engine = Engine(
                 cfg, strategy, forward, loaders, precision, device, run, ckpt, preemption
@@ -112,6 +114,11 @@ def train(cfg: Config) -> dict[str, Any]:
         finally:
             preemption.close()
             run.close()
+            # Nothing may hold the process group's work when the group goes (DeepSpeed's
+            # engine, collected at interpreter exit, sometimes aborts the process there).
+            del engine, forward, model, optimizer, scheduler
+            strategy.close()
+            gc.collect()
     return summary
 
 

@@ -185,6 +185,14 @@ class DeepSpeed:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
+    def close(self) -> None:
+        # Left to interpreter exit, a DeepSpeed engine sometimes aborts the process there
+        # ("terminate called without an active exception"), after the run has succeeded.
+        if self.engine is not None:
+            with _quiet():
+                self.engine.destroy()
+            self.engine = None
+
     def unwrap(self) -> nn.Module:
         return self.engine.module
 

@@ -74,6 +74,9 @@ class SingleProcess:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def close(self) -> None:
+        self.model = self.optimizer = self.scheduler = None
+
     def unwrap(self) -> nn.Module:
         return self.model
 

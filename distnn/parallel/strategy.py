@@ -52,3 +52,7 @@ class Strategy(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None:
+        """Let go of the model, optimizer and engine before the process group is destroyed:
+        whatever still holds the group's work at interpreter exit may abort the process."""
