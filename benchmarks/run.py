@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from benchmarks import data_throughput, end_to_end, report, train_throughput, zero_memory
@@ -31,8 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     args.repeats = args.repeats or (2 if args.quick else 5)
     for name in args.only or BENCHMARKS:
         print(f"== {name}", flush=True)
-        module = BENCHMARKS[name]
+        module, start = BENCHMARKS[name], time.perf_counter()
         print(module.markdown(module.run(args.quick, args.repeats, args.out)), flush=True)
+        print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
     print(f"{args.out / 'README.md'}: {', '.join(report.write(args.out))}")
 
 

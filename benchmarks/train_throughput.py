@@ -251,8 +251,8 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
                   f"{row['distnn']['median']:8.0f} img/s, bare {row['bare']['median']:8.0f}, ratio "
                   f"{row['ratio']['median']:.3f}", flush=True)  # fmt: skip
     results["scaling"] = []
-    for model, batch, steps in [("tutorial_cnn", 64, 10 if quick else 30),
-                                ("resnet18", 32, 3 if quick else 10)]:  # fmt: skip
+    models = [("tutorial_cnn", 64, 10 if quick else 30)] + ([] if quick else [("resnet18", 32, 10)])
+    for model, batch, steps in models:
         for accum in (1, 2):
             one = scaling(model, batch, accum, 1, steps, repeats)
             two = scaling(model, batch, accum, 2, steps, repeats)
