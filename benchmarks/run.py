@@ -27,9 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="CI-sized runs")
     p.add_argument("--repeats", type=int, help="timed passes per figure (default 5; 2 quick)")
     p.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run just these")
-    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument(
+        "--out", type=Path, help="results folder (default results/, quick: results/quick/)"
+    )
     args = p.parse_args(argv)
     args.repeats = args.repeats or (2 if args.quick else 5)
+    # A quick run must not overwrite the recorded figures.
+    args.out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     for name in args.only or BENCHMARKS:
         print(f"== {name}", flush=True)
         module, start = BENCHMARKS[name], time.perf_counter()
