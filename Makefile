@@ -24,7 +24,7 @@ demo: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
 test: setup
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(if $(filter quick,$(BENCH)),--quick)
