@@ -25,11 +25,16 @@ def make_cfg(tmp_path):
     return make
 
 
-# The tests that use the session's Slurm clusters run on one xdist worker, so the clusters
-# start once. Their xdist_group("cluster") mark cannot do it here: pytest-xdist 3.8 tags the
-# group onto item._nodeid, which pytest 9 no longer reads, so `--dist loadgroup` splits the
-# group. This scheduler groups them by file instead, under `-n N` with load or loadgroup.
-CLUSTER_TESTS = ("tests/test_slurm.py", "tests/test_submit.py")
+# Tests that share an expensive fixture run on one xdist worker, so it is built once: the
+# session's Slurm clusters, and the quick benchmark run. Their xdist_group mark cannot do it
+# here: pytest-xdist 3.8 tags the group onto item._nodeid, which pytest 9 no longer reads, so
+# `--dist loadgroup` splits the group. This scheduler groups them by file instead, under
+# `-n N` with load or loadgroup.
+TOGETHER = {
+    "tests/test_slurm.py": "cluster",
+    "tests/test_submit.py": "cluster",
+    "tests/test_benchmarks.py": "benchmarks",
+}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -38,14 +43,14 @@ def pytest_xdist_make_scheduler(config, log):
         return None  # xdist's own for the other modes
     from xdist.scheduler import LoadScopeScheduling
 
-    class ClusterTestsTogether(LoadScopeScheduling):
-        """Every test its own unit of work, except the cluster tests: one unit, sent first
-        (units go out largest first)."""
+    class SharedFixturesTogether(LoadScopeScheduling):
+        """Every test its own unit of work, except the groups above: one unit each, sent
+        first (units go out largest first)."""
 
         def _split_scope(self, nodeid: str) -> str:
-            return "cluster" if nodeid.startswith(CLUSTER_TESTS) else nodeid
+            return TOGETHER.get(nodeid.split("::")[0], nodeid)
 
-    return ClusterTestsTogether(config, log)
+    return SharedFixturesTogether(config, log)
 
 
 @pytest.fixture(scope="session")
