@@ -136,10 +136,7 @@ def preempt_and_resume(cluster: Cluster, work: Path, job_id: int, run_dir: Path)
     info = cluster.wait(job_id, {"PENDING"} | FINISHED)
     assert info["JobState"] == "PENDING", f"not requeued:\n{log(work, job_id)[-3000:]}"
     assert info["Restarts"] == "1"
-    # A requeued job waits out a BeginTime (about 120 s) first. Started before its nodes are
-    # done with the first run, it is killed ("Job credential revoked").
-    cluster.wait_idle()
-    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    cluster.start_requeued(job_id)
     text = finish(cluster, work, job_id)
     stopped = int(re.search(r"preempted at step (\d+)", text).group(1))
     assert 10 <= stopped < STEPS, text[-3000:]

@@ -104,8 +104,7 @@ def test_preempted_submitit_job_requeues_and_ends_with_the_same_weights(
         slurm_cluster.run("scancel", "--signal=USR2", str(job_id))
         info = slurm_cluster.wait(job_id, {"PENDING"} | FINISHED)
         assert info["JobState"] == "PENDING" and info["Restarts"] == "1", info["JobState"]
-        slurm_cluster.wait_idle()  # the first run's end done: see tests/test_slurm.py
-        slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        slurm_cluster.start_requeued(job_id)
         out, _ = proc.communicate(timeout=180)  # --wait waits across the requeue
     finally:
         proc.kill()
