@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -84,6 +85,15 @@ def describe(m: dict) -> str:
         f"{where}; torch {m['torch']}; commit {m['git_commit']}; {m['date']}. "
         f"Load average {m['load_avg_start'][0]:.2f} at start, {m['load_avg_end'][0]:.2f} at end."
     )
+
+
+def save(out: Path, name: str, results: dict, markdown: Callable[[dict], str]) -> dict:
+    """Stamp the load at the end and write results/<name>.json and its table <name>.md."""
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown(results))
+    return results
 
 
 def parser(module: str, doc: str | None, quick: str) -> argparse.ArgumentParser:

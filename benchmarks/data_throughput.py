@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import describe, machine, parser, timed
+from benchmarks.common import describe, machine, parser, save, timed
 
 KINDS = {
     # name: (extension, image size the model trains at, batch size, images full / quick)
@@ -162,12 +161,8 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
                     pool.terminate()
                     results["rows"].append(row)
                     report(row)
-    results["machine"]["load_avg_end"] = os.getloadavg()
     results["ratios"] = ratios(results["rows"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_throughput.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "data_throughput.md").write_text(markdown(results))
-    return results
+    return save(out, "data_throughput", results, markdown)
 
 
 def ratios(rows: list[dict]) -> list[dict]:

@@ -17,7 +17,6 @@ Writes results/end_to_end.json and .md.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, describe, machine, parser, summarize
+from benchmarks.common import RESULTS, describe, machine, parser, save, summarize
 from distnn.monitor import read_metrics
 
 ROOT = RESULTS.parents[1]
@@ -102,11 +101,7 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
         one["seconds_to_target"]["median"] / two["seconds_to_target"]["median"]
     )
     results["speedup_wall"] = one["wall_s"]["median"] / two["wall_s"]["median"]
-    results["machine"]["load_avg_end"] = os.getloadavg()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "end_to_end.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "end_to_end.md").write_text(markdown(results))
-    return results
+    return save(out, "end_to_end", results, markdown)
 
 
 def _cell(stats: dict, fmt: str) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS, describe, machine, parser, summarize
+from benchmarks.common import RESULTS, describe, machine, parser, save, summarize
 from distnn import checkpoint, config, models, monitor, optim, parallel, preempt
 from distnn import precision as precision_lib
 from distnn.data import Loaders
@@ -263,11 +263,7 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
             print(f"{model:12} accum {accum}: 1 proc {one['median']:.0f} img/s, "
                   f"2 procs {two['median']:.0f}, efficiency {row['efficiency']:.2f}",
                   flush=True)  # fmt: skip
-    results["machine"]["load_avg_end"] = os.getloadavg()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_throughput.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "train_throughput.md").write_text(markdown(results))
-    return results
+    return save(out, "train_throughput", results, markdown)
 
 
 def markdown(results: dict) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS, describe, machine, parser
+from benchmarks.common import RESULTS, describe, machine, parser, save
 
 WIDTH = 4096
 BUCKET = 20_000_000  # elements: small buckets, or 5e8-element buffers hide the savings
@@ -126,9 +126,9 @@ def worker(args: argparse.Namespace) -> None:
         report = {"params": params, "world_size": env.world_size, "strategy": strategy.describe(),
                   "bytes_per_rank": [int(t[0].item()) for t in every],
                   "resident_bytes_per_rank": [int(t[1].item()) for t in every]}  # fmt: skip
-        # The engine goes before its process group: DeepSpeed's, left to interpreter exit,
-        # sometimes aborts there ("terminate called without an active exception").
-        del forward, strategy, optimizer, scheduler, model
+        # The engine goes before its process group, as in distnn.train (Strategy.close).
+        del forward, optimizer, scheduler, model
+        strategy.close()
         gc.collect()
     if env.is_main:
         Path(args.worker).write_text(json.dumps(report))
@@ -167,11 +167,7 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
         row["vs_ddp"] = row["measured_bytes"] / ddp["measured_bytes"]
         row["resident_ratio"] = row["resident_bytes"] / row["predicted_bytes"]
         row["resident_vs_ddp"] = row["resident_bytes"] / ddp["resident_bytes"]
-    results["machine"]["load_avg_end"] = os.getloadavg()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "zero_memory.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "zero_memory.md").write_text(markdown(results))
-    return results
+    return save(out, "zero_memory", results, markdown)
 
 
 def markdown(results: dict) -> str:

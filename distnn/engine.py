@@ -140,14 +140,14 @@ class Engine:
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
         epochs = math.ceil(self.total / self.steps_per_epoch)
-        self.start = start = time.perf_counter()
+        self.start = time.perf_counter()
         while self.pos.step < self.total and self.pos.epoch < epochs:
             self.train_epoch()
             last = self.pos.step >= self.total
             best = False
             if last or self.pos.epoch % t.eval_every == 0:
                 self.last_val = self.evaluate()
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - self.start
                 self.run.log(
                     {"step": self.pos.step, "epoch": self.pos.epoch, "elapsed_s": elapsed}
                     | self.last_val
@@ -163,7 +163,7 @@ class Engine:
             "steps": self.pos.step,
             "epochs": self.pos.epoch,
             "world_size": dist.world_size(),
-            "wall_s": time.perf_counter() - start,
+            "wall_s": time.perf_counter() - self.start,
         }
 
     def train_epoch(self) -> None:
