@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from distnn import config
+from distnn import checkpoint, config
+from distnn.monitor import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -277,3 +279,21 @@ def write_imagefolder(
                 written[split].append((path, sorted(classes).index(cls), expected, fmt == "PNG"))
                 count += 1
     return written
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model state of a run's newest checkpoint (consolidated where ZeRO split it)."""
+    return checkpoint.model_state(checkpoint.load_file(run_dir))
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps of a run's train records in metrics.jsonl, in the order written."""
+    return [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def assert_same_weights(run_dir: Path, reference: Path, rtol: float) -> None:
+    """Two runs' final weights equal within rtol (atol rtol/10), parameter by parameter."""
+    a, b = final_weights(run_dir), final_weights(reference)
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=rtol / 10, msg=k)

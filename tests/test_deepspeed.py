@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from distnn import checkpoint, models
+from distnn import models
 from distnn.errors import UserError
 from distnn.monitor import read_metrics
 from distnn.parallel import deepspeed_config
 from distnn.predict import main as predict
 from distnn.train import train
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, final_weights, logged_steps, run_cli
 from tests.test_distributed import assert_same_params, losses, torchrun
 
 pytest.importorskip("deepspeed")
@@ -50,10 +50,6 @@ def root(tmp_path_factory) -> Path:
 def ddp(root) -> Path:
     run_dir, _ = launch(root, "ddp", "train.batch_size=8", "strategy.name=ddp")
     return run_dir
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.model_state(checkpoint.load_file(run_dir))
 
 
 @pytest.mark.timeout(600)
@@ -124,8 +120,7 @@ def test_zero3_crash_resume_matches_uninterrupted_then_exports(root, tmp_path):
     run_dir, r = launch(root, "zero3_crash", *base, restarts=1,
                         env={"DISTNN_FAULT": "crash@step:6,rank:1"})  # fmt: skip
     assert "resumed at step 4" in r.stdout
-    steps = [rec["step"] for rec in read_metrics(run_dir) if "loss" in rec]
-    assert steps == list(range(1, 11))
+    assert logged_steps(run_dir) == list(range(1, 11))
     assert losses(run_dir) == pytest.approx(losses(whole), rel=1e-6)
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from distnn import checkpoint, config
+from distnn import config
 from distnn.monitor import read_metrics
 from distnn.train import train
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, final_weights, run_cli
 
 # A small fp32 problem: tutorial_cnn (no BatchNorm, no dropout), so the math is the same
 # whatever the split; 6 optimizer steps of global batch 32.
@@ -24,10 +24,6 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 1
         "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args,
         env=env, timeout=timeout,
     )  # fmt: skip
-
-
-def final_state(run_dir):
-    return checkpoint.model_state(checkpoint.load_file(run_dir))
 
 
 def losses(run_dir):
@@ -55,7 +51,7 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, reference):
                  *COMMON, "train.batch_size=16", "log.progress=lines")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = tmp_path / "two"
-    assert_same_params(final_state(run_dir), final_state(reference))
+    assert_same_params(final_weights(run_dir), final_weights(reference))
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-5)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
@@ -69,7 +65,7 @@ def test_accumulation_equals_one_big_step_single_rank(make_cfg, reference):
     cfg = make_cfg("run.name=accum", *COMMON, "train.batch_size=16", "train.accum_steps=2")
     summary = train(cfg)
     assert summary["steps"] == 6
-    assert_same_params(final_state(cfg.run_dir), final_state(reference))
+    assert_same_params(final_weights(cfg.run_dir), final_weights(reference))
     assert losses(cfg.run_dir) == pytest.approx(losses(reference), rel=1e-5)
 
 
@@ -78,7 +74,7 @@ def test_accumulation_on_two_ranks_reduces_once_per_step(tmp_path, reference):
     r = torchrun(2, "tests/scripts/count_allreduce.py", f"run.dir={tmp_path}", "run.name=acc2",
                  *COMMON, "train.batch_size=8", "train.accum_steps=2")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_params(final_state(tmp_path / "acc2"), final_state(reference))
+    assert_same_params(final_weights(tmp_path / "acc2"), final_weights(reference))
     # 12 micro-batches per rank, one bucket (145k params): all-reduce on the 6 final ones only.
     counted = json.loads(r.stdout.strip().splitlines()[-1])
     assert counted == {"allreduce_calls": 6}

@@ -7,13 +7,11 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from distnn import checkpoint
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, ROOT, final_weights
 
 COMMON = [*FAST, "train.max_steps=4", "train.batch_size=16", "data.synthetic_train=256",
           "ckpt.epoch_end=false", "precision=fp32"]  # fmt: skip
@@ -37,10 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.model_state(checkpoint.load_file(run_dir))
 
 
 @pytest.mark.parametrize("name", ["single_node.sh", "multi_node.sh"])
@@ -69,7 +63,7 @@ def test_two_nodes_by_rendezvous_equal_one_node_of_two(tmp_path):
              for _ in range(2)]  # fmt: skip
     for node in nodes:
         finish(node)
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert (tmp_path / "two" / "summary.json").read_text().count('"world_size": 2') == 1

@@ -15,12 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from distnn import checkpoint
-from distnn.monitor import read_metrics
 from tests.cluster import FINISHED, Cluster
-from tests.conftest import FAST, ROOT, run_cli, write_cifar
+from tests.conftest import (
+    FAST,
+    ROOT,
+    assert_same_weights,
+    logged_steps,
+    run_cli,
+    write_cifar,
+)
 
 pytestmark = pytest.mark.xdist_group("cluster")
 
@@ -70,21 +74,6 @@ def finish(cluster: Cluster, work: Path, job_id: int, name: str = "distnn") -> s
     text = log(work, job_id, name)
     assert info["JobState"] == "COMPLETED", f"{info['JobState']}:\n{text[-3000:]}"
     return text
-
-
-def logged_steps(run_dir: Path) -> list[int]:
-    return [r["step"] for r in read_metrics(run_dir) if "loss" in r]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.model_state(checkpoint.load_file(run_dir))
-
-
-def assert_same_weights(run_dir: Path, reference: Path, rtol: float) -> None:
-    a, b = weights(run_dir), weights(reference)
-    assert a.keys() == b.keys()
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=rtol / 10, msg=k)
 
 
 def summary(run_dir: Path) -> dict:

@@ -13,13 +13,10 @@ from pathlib import Path
 
 import pytest
 import submitit
-import torch
 
-from distnn import checkpoint
 from distnn import submit as submit_cli
-from distnn.monitor import read_metrics
 from tests.cluster import FINISHED
-from tests.conftest import FAST, ROOT, run_cli
+from tests.conftest import FAST, ROOT, assert_same_weights, logged_steps, run_cli
 
 pytestmark = pytest.mark.xdist_group("cluster")
 
@@ -50,14 +47,6 @@ def printed(out: str) -> tuple[int, Path, dict]:
     job_id = int(re.search(r"submitted job (\d+)", out).group(1))
     run_dir = Path(re.search(r"run dir: (\S+)", out).group(1))
     return job_id, run_dir, json.loads(out[out.index("\n{") :])
-
-
-def logged_steps(run_dir: Path) -> list[int]:
-    return [r["step"] for r in read_metrics(run_dir) if "loss" in r]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.model_state(checkpoint.load_file(run_dir))
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +109,7 @@ def test_preempted_submitit_job_requeues_and_ends_with_the_same_weights(
     )
     assert requeued.function.overrides[-1] == "ckpt.resume=auto"
     assert logged_steps(run_dir) == LOGGED
-    a, b = weights(run_dir), weights(submitted[1])
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert_same_weights(run_dir, submitted[1], rtol=1e-6)
 
 
 def test_submit_local_runs_here(tmp_path):
