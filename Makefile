@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
-	# DeepSpeed builds against the torch above; its C++ ops compile (and are cached) on first use.
+	# DeepSpeed builds against the torch above; the C++ ops distnn uses compile here, once.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --disable-pip-version-check --no-build-isolation \
 		-e '.[deepspeed]'
+	$(BIN)/python scripts/build_ds_ops.py
 	touch $@
 
 demo: setup
