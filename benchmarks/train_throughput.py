@@ -9,9 +9,10 @@
   passes alternate between the two; images/s and the ratio distnn / bare per pair.
 - overhead: the same on one Linear layer at batch 64 (8 px), where the framework's per-step
   cost is all there is to see: microseconds per step, distnn minus bare.
-- weak scaling: torchrun with 1 and 2 processes of one thread each (DDP over gloo on CPU),
-  the same per-process batch; efficiency = images/s at 2 ÷ (2 × images/s at 1); also with
-  gradient accumulation 2 (half the all-reduces).
+- weak scaling: torchrun with 1 and 2 processes of one thread each (DDP over gloo on CPU;
+  one launch per process count times every row), the same per-process batch;
+  efficiency = images/s at 2 ÷ (2 × images/s at 1); also with gradient accumulation 2 (half
+  the all-reduces).
 On CUDA, ResNet-50 at 224 px runs in bf16 with channels_last as well.
 Writes results/train_throughput.json and .md.
 """
@@ -195,11 +196,13 @@ def compare(case: Case, repeats: int) -> dict:
 
 
 def scaling_worker(args: argparse.Namespace) -> None:
-    """One torchrun process: time `repeats` passes of `steps` DDP steps; rank 0 reports."""
+    """One torchrun process: for each (model, batch, accum, steps) of the plan, time `repeats`
+    passes of `steps` DDP steps in one process group; rank 0 reports."""
     env = parallel.detect()
-    with tempfile.TemporaryDirectory() as tmp:
-        case = Case(args.model, 32, args.batch, "fp32", args.steps, args.accum, Path(tmp))
-        with dist.process_group(env, case.cfg.dist):
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp, dist.process_group(env, config.load(None).dist):
+        for model, batch, accum, steps in json.loads(args.plan):
+            case = Case(model, 32, batch, "fp32", steps, accum, Path(tmp))
             engine, _ = case.distnn()
             case.run_distnn(engine)
             rates = []
@@ -209,17 +212,18 @@ def scaling_worker(args: argparse.Namespace) -> None:
                 n = case.run_distnn(engine)
                 rates.append(n * env.world_size / (time.perf_counter() - t))
             engine.run.close()
+            reports.append(summarize(rates))
     if env.is_main:
-        Path(args.worker).write_text(json.dumps(summarize(rates)))
+        Path(args.worker).write_text(json.dumps(reports))
 
 
-def scaling(model: str, batch: int, accum: int, nproc: int, steps: int, repeats: int) -> dict:
+def scaling(plan: list[tuple], nproc: int, repeats: int) -> list[dict]:
+    """Images/s of each row of the plan on `nproc` processes: one launch for all of them."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rates.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "benchmarks.train_throughput",
-               f"--worker={out}", f"--model={model}", f"--batch={batch}", f"--accum={accum}",
-               f"--steps={steps}", f"--repeats={repeats}"]  # fmt: skip
+               f"--worker={out}", f"--plan={json.dumps(plan)}", f"--repeats={repeats}"]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, check=True, timeout=900, env=env, cwd=RESULTS.parents[1])
         return json.loads(out.read_text())
@@ -234,8 +238,8 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
              ("linear", 8, 64, "fp32", 200 if quick else 1000),
              ("tutorial_cnn", 32, 64, "fp32", 10 if quick else 30),
              ("tutorial_cnn", 32, 64, "bf16", 10 if quick else 30),
-             ("resnet18", 32, 32, "fp32", 3 if quick else 10),
-             ("resnet18", 32, 32, "bf16", 3 if quick else 10)]  # fmt: skip
+             ("resnet18", 32, 16 if quick else 32, "fp32", 2 if quick else 10),
+             ("resnet18", 32, 16 if quick else 32, "bf16", 2 if quick else 10)]  # fmt: skip
     if not quick:
         cases.append(("resnet50", 224, 64 if cuda else 4, "fp32", 20 if cuda else 3))
     if cuda:
@@ -250,19 +254,19 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
             print(f"{name:12} {prec} batch {batch:3} log/{every}: distnn "
                   f"{row['distnn']['median']:8.0f} img/s, bare {row['bare']['median']:8.0f}, ratio "
                   f"{row['ratio']['median']:.3f}", flush=True)  # fmt: skip
-    results["scaling"] = []
     models = [("tutorial_cnn", 64, 10 if quick else 30)] + ([] if quick else [("resnet18", 32, 10)])
-    for model, batch, steps in models:
-        for accum in (1, 2):
-            one = scaling(model, batch, accum, 1, steps, repeats)
-            two = scaling(model, batch, accum, 2, steps, repeats)
-            row = {"model": model, "batch": batch, "accum": accum, "steps": steps,
-                   "one": one, "two": two,
-                   "efficiency": two["median"] / (2 * one["median"])}  # fmt: skip
-            results["scaling"].append(row)
-            print(f"{model:12} accum {accum}: 1 proc {one['median']:.0f} img/s, "
-                  f"2 procs {two['median']:.0f}, efficiency {row['efficiency']:.2f}",
-                  flush=True)  # fmt: skip
+    plan = [(model, batch, accum, steps) for model, batch, steps in models for accum in (1, 2)]
+    results["scaling"] = []
+    for (model, batch, accum, steps), one, two in zip(
+        plan, scaling(plan, 1, repeats), scaling(plan, 2, repeats), strict=True
+    ):
+        efficiency = two["median"] / (2 * one["median"])
+        row = {"model": model, "batch": batch, "accum": accum, "steps": steps,
+               "one": one, "two": two, "efficiency": efficiency}  # fmt: skip
+        results["scaling"].append(row)
+        print(f"{model:12} accum {accum}: 1 proc {one['median']:.0f} img/s, "
+              f"2 procs {two['median']:.0f}, efficiency {row['efficiency']:.2f}",
+              flush=True)  # fmt: skip
     return save(out, "train_throughput", results, markdown)
 
 
@@ -302,10 +306,7 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = parser("benchmarks.train_throughput", __doc__, "a CI-sized run (fewer steps)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per figure (>= 5)")
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--accum", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--plan", help=argparse.SUPPRESS)  # a worker's JSON rows to time
     args = p.parse_args(argv)
     if args.worker:
         scaling_worker(args)
