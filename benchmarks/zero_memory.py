@@ -3,11 +3,12 @@
     python -m benchmarks.zero_memory [--quick] [--out benchmarks/results]
 
 A wide MLP (6 × Linear 4096→4096, 101 M parameters; 2 layers at --quick) trains 3 AdamW
-steps in fp32 on 2 torchrun processes through distnn's own strategies. Each rank reports the
-peak memory of those steps above what it held before the model was built: on CPU the
-high-water RSS (VmHWM, reset once the strategy is set up) minus the RSS after the imports and
-the process group; on CUDA torch.cuda.max_memory_allocated likewise. It reports too what it
-still holds after the steps (VmRSS, or memory_allocated): the state the formulas count, without
+steps in fp32 on 2 torchrun processes through distnn's own strategies (fresh processes for
+each case; --quick runs all cases in one launch). Each rank reports the peak memory of those
+steps above what it held before the model was built: on CPU the high-water RSS (VmHWM, reset
+once the strategy is set up) minus the RSS after the imports and the process group; on CUDA
+torch.cuda.max_memory_allocated likewise. It reports too what it still holds after the steps
+(VmRSS, or memory_allocated): the state the formulas count, without
 the transient buffers of communication and gathered parameters. Beside each,
 the ZeRO paper's bytes for Ψ parameters on N ranks, fp32 with Adam (4 bytes of parameters,
 4 of gradients, 8 of Adam moments; DeepSpeed also keeps a 4-byte fp32 master partition):
@@ -33,6 +34,9 @@ import torch
 from torch import nn
 
 from benchmarks.common import RESULTS, describe, machine, parser, save
+from distnn import config, optim, parallel
+from distnn import precision as precision_lib
+from distnn.parallel import Env, dist
 
 WIDTH = 4096
 BUCKET = 20_000_000  # elements: small buckets, or 5e8-element buffers hide the savings
@@ -67,79 +71,74 @@ def _status(field: str) -> int:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One torchrun process: build, train 3 steps, report the memory the training added."""
-    from distnn import config, optim, parallel
-    from distnn import precision as precision_lib
-    from distnn.parallel import dist
-
+    """One torchrun process: each case in turn (built, 3 steps, released); rank 0 reports."""
     env = parallel.detect()
     live = Path(args.worker).with_name("stage3.json")
-    live.write_text(
-        json.dumps(
-            {
-                "zero_optimization": {
-                    "stage3_max_live_parameters": BUCKET,
-                    "stage3_max_reuse_distance": BUCKET,
-                }
-            }
-        )
-    )
-    case = [o.replace("LIVE", str(live)) for o in CASES[args.case][0]]
-    cfg = config.load(None, [*case, "optim.name=adamw", "optim.lr=1e-4", "train.batch_size=8",
+    bounds = {"stage3_max_live_parameters": BUCKET, "stage3_max_reuse_distance": BUCKET}
+    live.write_text(json.dumps({"zero_optimization": bounds}))
+    with dist.process_group(env, config.load(None).dist):
+        reports = [measure_case(case, args.layers, env, live) for case in args.case.split(",")]
+    if env.is_main:
+        Path(args.worker).write_text(json.dumps(reports))
+
+
+def measure_case(case: str, layers: int, env: Env, live: Path) -> dict:
+    """Memory the case's 3 training steps add to the rank, all ranks gathered."""
+    overrides = [o.replace("LIVE", str(live)) for o in CASES[case][0]]
+    cfg = config.load(None, [*overrides, "optim.name=adamw", "optim.lr=1e-4", "train.batch_size=8",
                              f"strategy.reduce_bucket_size={BUCKET}",
                              f"strategy.allgather_bucket_size={BUCKET}",
                              f"strategy.bucket_cap_mb={BUCKET * 4 / 2**20}"])  # fmt: skip
     device = dist.device_for(env)
-    precision = precision_lib.build("fp32", device)
-    strategy = parallel.build(cfg, env, device, precision)
-    with dist.process_group(env, cfg.dist):
-        cuda = device.type == "cuda"
-        torch.manual_seed(0)
-        dist.barrier()
-        base = torch.cuda.memory_allocated() if cuda else _status("VmRSS")
-        layers = [m for _ in range(args.layers) for m in (nn.Linear(WIDTH, WIDTH), nn.ReLU())]
-        model = nn.Sequential(*layers[:-1]).to(device)
-        params = sum(p.numel() for p in model.parameters())
-        optimizer = optim.build_optimizer(model, cfg.optim, 8)
-        scheduler = optim.build_scheduler(optimizer, cfg.sched, 3)
-        forward = strategy.setup(model, optimizer, scheduler)
-        # The peak of the training steps, not of setup (where every rank still builds the
-        # whole model before the strategy shards it).
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        x = torch.randn(8, WIDTH, device=device)
-        for _ in range(3):
-            loss = forward(x).square().mean()
-            strategy.backward(loss)
-            strategy.step()
-        # A skipped (overflowing) step would allocate no optimizer state: measure real steps.
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{args.case}: loss {loss.item()} is not finite")
-        dist.barrier()
-        peak = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
-        resident = torch.cuda.memory_allocated() if cuda else _status("VmRSS")
-        added = torch.tensor([float(peak - base), float(resident - base)], device=device)
-        every = [torch.zeros_like(added) for _ in range(env.world_size)]
-        torch.distributed.all_gather(every, added)
-        report = {"params": params, "world_size": env.world_size, "strategy": strategy.describe(),
-                  "bytes_per_rank": [int(t[0].item()) for t in every],
-                  "resident_bytes_per_rank": [int(t[1].item()) for t in every]}  # fmt: skip
-        # The engine goes before its process group, as in distnn.train (Strategy.close).
-        del forward, optimizer, scheduler, model
-        strategy.close()
-        gc.collect()
-    if env.is_main:
-        Path(args.worker).write_text(json.dumps(report))
+    strategy = parallel.build(cfg, env, device, precision_lib.build("fp32", device))
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    gc.collect()
+    dist.barrier()
+    base = torch.cuda.memory_allocated() if cuda else _status("VmRSS")
+    blocks = [m for _ in range(layers) for m in (nn.Linear(WIDTH, WIDTH), nn.ReLU())]
+    model = nn.Sequential(*blocks[:-1]).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = optim.build_optimizer(model, cfg.optim, 8)
+    scheduler = optim.build_scheduler(optimizer, cfg.sched, 3)
+    forward = strategy.setup(model, optimizer, scheduler)
+    # The peak of the training steps, not of setup (where every rank still builds the
+    # whole model before the strategy shards it).
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    x = torch.randn(8, WIDTH, device=device)
+    for _ in range(3):
+        loss = forward(x).square().mean()
+        strategy.backward(loss)
+        strategy.step()
+    # A skipped (overflowing) step would allocate no optimizer state: measure real steps.
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{case}: loss {loss.item()} is not finite")
+    dist.barrier()
+    peak = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
+    resident = torch.cuda.memory_allocated() if cuda else _status("VmRSS")
+    added = torch.tensor([float(peak - base), float(resident - base)], device=device)
+    every = [torch.zeros_like(added) for _ in range(env.world_size)]
+    torch.distributed.all_gather(every, added)
+    report = {"params": params, "world_size": env.world_size, "strategy": strategy.describe(),
+              "bytes_per_rank": [int(t[0].item()) for t in every],
+              "resident_bytes_per_rank": [int(t[1].item()) for t in every]}  # fmt: skip
+    # The engine goes before its process group, as in distnn.train (Strategy.close).
+    del forward, optimizer, scheduler, model
+    strategy.close()
+    gc.collect()
+    return report
 
 
-def measure(case: str, layers: int, nproc: int) -> dict:
+def measure(cases: list[str], layers: int, nproc: int) -> list[dict]:
+    """The cases in one launch of `nproc` processes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "memory.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "benchmarks.zero_memory", f"--worker={out}",
-               f"--case={case}", f"--layers={layers}"]  # fmt: skip
+               f"--case={','.join(cases)}", f"--layers={layers}"]  # fmt: skip
         # A fixed mmap threshold: freed tensors go back to the OS at once, so RSS follows what
         # is alive (glibc's adaptive threshold otherwise keeps freed setup buffers resident).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
@@ -151,8 +150,12 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
     del repeats  # memory is not noisy like time: one run per case
     results: dict = {"machine": machine(), "quick": quick, "rows": []}
     layers, nproc = (2 if quick else 6), 2
-    for case, (_, (a, b)) in CASES.items():
-        row = {"case": case, **measure(case, layers, nproc)}
+    # A full run gives each case fresh processes, so that none starts from the allocator state
+    # another left; a quick run (a check of the pipeline, not of memory) launches once for all.
+    groups = [list(CASES)] if quick else [[case] for case in CASES]
+    reports = [report for group in groups for report in measure(group, layers, nproc)]
+    for (case, (_, (a, b))), report in zip(CASES.items(), reports, strict=True):
+        row = {"case": case, **report}
         psi, n = row["params"], row["world_size"]
         row["predicted_bytes"] = a * psi + b * psi / n
         row["measured_bytes"] = max(row["bytes_per_rank"])
@@ -199,7 +202,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = parser("benchmarks.zero_memory", __doc__, "a smaller model")
-    p.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)  # a worker's cases, comma-separated
     p.add_argument("--layers", type=int, default=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
