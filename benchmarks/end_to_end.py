@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, describe, machine, parser, save, summarize
+from distnn.data import digits, shard
 from distnn.monitor import read_metrics
 
 ROOT = RESULTS.parents[1]
@@ -38,13 +39,8 @@ LAUNCHERS = {
 
 def make_shards(tmp: Path) -> Path:
     images, shards = tmp / "digits", tmp / "digits_shards"
-    for cmd in (
-        ["-m", "distnn.data.digits", str(images)],
-        ["-m", "distnn.data.shard", "imagefolder", str(images), str(shards), "--max-count=250",
-         "--workers=2"],
-    ):  # fmt: skip
-        subprocess.run([sys.executable, *cmd], check=True, timeout=600, cwd=ROOT,
-                       capture_output=True)  # fmt: skip
+    digits.write(images)
+    shard.shard("imagefolder", images, shards, max_count=250)
     return shards
 
 
