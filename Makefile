@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	# DeepSpeed builds against the torch above; the C++ ops distnn uses compile here, once.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --disable-pip-version-check --no-build-isolation \
 		-e '.[deepspeed]'
-	$(BIN)/python scripts/build_ds_ops.py
+	$(BIN)/python -c 'from distnn.parallel.deepspeed import build_ops; build_ops()'
 	touch $@
 
 demo: setup

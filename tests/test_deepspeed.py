@@ -14,6 +14,7 @@ from distnn import models
 from distnn.errors import UserError
 from distnn.monitor import read_metrics
 from distnn.parallel import deepspeed_config
+from distnn.parallel.deepspeed import build_ops
 from distnn.predict import main as predict
 from distnn.train import train
 from tests.conftest import FAST, final_weights, logged_steps, run_cli
@@ -37,12 +38,9 @@ def launch(root: Path, name: str, *overrides: str, restarts: int = 0, env: dict 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    # The first engine compiles DeepSpeed's shared-memory op (JIT, cached): build it here,
-    # outside any test's timeout, alongside DeepSpeedCPUAdam for the offload test.
-    from deepspeed.ops.op_builder import CPUAdamBuilder, ShareMemCommBuilder
-
-    ShareMemCommBuilder().load(verbose=False)
-    CPUAdamBuilder().load(verbose=False)
+    # `make setup` compiles DeepSpeed's ops; without it the first engine would, inside a
+    # test's timeout: build (or find) them here.
+    build_ops()
     return tmp_path_factory.mktemp("ds")
 
 

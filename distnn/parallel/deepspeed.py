@@ -16,6 +16,7 @@ import io
 import logging
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,12 @@ def _quiet() -> contextlib.ExitStack:
     return stack
 
 
-def _require_deepspeed() -> Any:
+def require_deepspeed() -> Any:
+    """The deepspeed module, set up for this environment, or one line saying how to install it."""
+    # JIT-built C++ ops go beside this environment's packages, not into the ~/.cache shared
+    # by every venv and checkout: each compiles against its own paths, so each rebuilt the
+    # other's ops (a minute on 2 cores) on every switch.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     if not torch.cuda.is_available():
         # Its CPU accelerator, chosen without the "unable to detect a GPU" warning.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -56,6 +62,25 @@ def _require_deepspeed() -> Any:
             "install it with `pip install --no-build-isolation -e '.[deepspeed]'`"
         ) from None
     return deepspeed
+
+
+def build_ops(names: tuple[str, ...] = ("CPUAdamBuilder", "ShareMemCommBuilder")) -> None:
+    """Compile the C++ ops distnn uses (CPU Adam for optimizer offload, the shared-memory
+    all-reduce of the CPU backend) now (`make setup`), not in the first run that needs them:
+    DeepSpeed installs with DS_BUILD_OPS=0 and JIT-builds each, about a minute on 2 cores.
+    An op this machine cannot build is reported and left to build on first use."""
+    accelerator = require_deepspeed().accelerator.get_accelerator()
+    for name in names:
+        builder = accelerator.create_op_builder(name)
+        if builder is None or not builder.is_compatible(verbose=False):
+            print(f"{name}: not available with the {accelerator.device_name()} accelerator")
+            continue
+        try:
+            builder.load(verbose=False)
+        except Exception as e:  # a missing compiler or CUDA toolkit: the first use retries
+            print(f"{name}: not built ({e}); it compiles on first use")
+            continue
+        print(f"{builder.absolute_name()}: ready in {os.environ['TORCH_EXTENSIONS_DIR']}")
 
 
 def _check(cfg: Config) -> None:
@@ -76,7 +101,7 @@ def _check(cfg: Config) -> None:
 class DeepSpeed:
     def __init__(self, cfg: Config, env: Env, precision: Precision, device: torch.device) -> None:
         _check(cfg)
-        self.deepspeed = _require_deepspeed()
+        self.deepspeed = require_deepspeed()
         # Built (and checked) before any process group forms.
         self.ds_config = deepspeed_config.build(cfg, env.world_size)
         self.cfg, self.env, self.precision, self.device = cfg, env, precision, device
@@ -230,7 +255,7 @@ def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state_dict from a checkpoint's shards, loadable strict into the
     plain model: DeepSpeed's zero_to_fp32 merges the fp32 master shards; without ZeRO the
     engine saved the whole module."""
-    _require_deepspeed()
+    require_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     files = Path(directory) / TAG
