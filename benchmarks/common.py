@@ -96,14 +96,18 @@ def save(out: Path, name: str, results: dict, markdown: Callable[[dict], str]) -
     return results
 
 
-def parser(module: str, doc: str | None, quick: str) -> argparse.ArgumentParser:
-    """The options every benchmark takes: --quick, --out, and --worker for its child processes."""
+def parser(
+    module: str, doc: str | None, quick: str, repeats: str = "timed passes per figure (>= 5)"
+) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --quick, --repeats, --out, and --worker for its
+    child processes."""
     p = argparse.ArgumentParser(
         prog=f"python -m {module}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--repeats", type=int, default=5, help=repeats)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a child process: its result file
     return p

@@ -208,7 +208,6 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = parser("benchmarks.data_throughput", __doc__, "a CI-sized run (fewer images)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes per figure (>= 5)")
     args = p.parse_args(argv)
     results = run(args.quick, args.repeats, args.out)
     print(markdown(results))

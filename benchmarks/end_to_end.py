@@ -128,8 +128,12 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser("benchmarks.end_to_end", __doc__, "2 epochs, one run each, target 0.5")
-    p.add_argument("--repeats", type=int, default=5, help="runs per process count (>= 5)")
+    p = parser(
+        "benchmarks.end_to_end",
+        __doc__,
+        "2 epochs, one run each, target 0.5",
+        "runs per process count (>= 5)",
+    )
     args = p.parse_args(argv)
     print(markdown(run(args.quick, args.repeats, args.out)))
 

@@ -65,9 +65,13 @@ def plot_memory(results: dict, ax: plt.Axes) -> None:
     """Per-rank GiB: the formula, the peak and what stays resident, per strategy."""
     rows = results["rows"]
     x = range(len(rows))
-    for i, (key, label) in enumerate((("predicted_bytes", "formula"), ("measured_bytes", "peak"),
+    ax.bar([j - 0.27 for j in x], [r["predicted_bytes"] / GiB for r in rows], 0.27,
+           label="formula")  # fmt: skip
+    for i, (key, label) in enumerate((("peak_bytes", "peak"),
                                       ("resident_bytes", "resident after steps"))):  # fmt: skip
-        ax.bar([j + (i - 1) * 0.27 for j in x], [r[key] / GiB for r in rows], 0.27, label=label)
+        stats = [{k: v / GiB for k, v in r[key].items() if k != "runs"} for r in rows]
+        ax.bar([j + i * 0.27 for j in x], [s["median"] for s in stats], 0.27,
+               yerr=_errors(stats), capsize=3, label=label)  # fmt: skip
     ax.set_xticks(list(x), [r["case"] for r in rows])
     ax.set(ylabel="GiB per rank", title=f"ZeRO memory, {rows[0]['params'] / 1e6:.0f} M params")
     ax.legend(fontsize=7)

@@ -305,7 +305,6 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = parser("benchmarks.train_throughput", __doc__, "a CI-sized run (fewer steps)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes per figure (>= 5)")
     p.add_argument("--plan", help=argparse.SUPPRESS)  # a worker's JSON rows to time
     args = p.parse_args(argv)
     if args.worker:

@@ -1,15 +1,15 @@
 """Per-rank memory of DDP and DeepSpeed ZeRO 1/2/3 (+ optimizer offload), against the formulas.
 
-    python -m benchmarks.zero_memory [--quick] [--out benchmarks/results]
+    python -m benchmarks.zero_memory [--quick] [--repeats 5] [--out benchmarks/results]
 
 A wide MLP (6 × Linear 4096→4096, 101 M parameters; 2 layers at --quick) trains 3 AdamW
-steps in fp32 on 2 torchrun processes through distnn's own strategies (fresh processes for
-each case; --quick runs all cases in one launch). Each rank reports the peak memory of those
-steps above what it held before the model was built: on CPU the high-water RSS (VmHWM, reset
-once the strategy is set up) minus the RSS after the imports and the process group; on CUDA
-torch.cuda.max_memory_allocated likewise. It reports too what it still holds after the steps
-(VmRSS, or memory_allocated): the state the formulas count, without
-the transient buffers of communication and gathered parameters. Beside each,
+steps in fp32 on 2 torchrun processes through distnn's own strategies: --repeats fresh
+launches per case, the median with min and max (--quick runs everything in one launch). Each
+rank reports the peak memory of those steps above what it held before the model was built: on
+CPU the high-water RSS (VmHWM, reset once the strategy is set up) minus the RSS after the
+imports and the process group; on CUDA torch.cuda.max_memory_allocated likewise. It reports
+too what it still holds after the steps (VmRSS, or memory_allocated): the state the formulas
+count, without the transient buffers of communication and gathered parameters. Beside each,
 the ZeRO paper's bytes for Ψ parameters on N ranks, fp32 with Adam (4 bytes of parameters,
 4 of gradients, 8 of Adam moments; DeepSpeed also keeps a 4-byte fp32 master partition):
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS, describe, machine, parser, save
+from benchmarks.common import RESULTS, describe, machine, parser, save, summarize
 from distnn import config, optim, parallel
 from distnn import precision as precision_lib
 from distnn.parallel import Env, dist
@@ -147,30 +147,44 @@ def measure(cases: list[str], layers: int, nproc: int) -> list[dict]:
 
 
 def run(quick: bool, repeats: int, out: Path) -> dict:
-    del repeats  # memory is not noisy like time: one run per case
-    results: dict = {"machine": machine(), "quick": quick, "rows": []}
+    results: dict = {"machine": machine(), "quick": quick, "repeats": repeats, "rows": []}
     layers, nproc = (2 if quick else 6), 2
-    # A full run gives each case fresh processes, so that none starts from the allocator state
-    # another left; a quick run (a check of the pipeline, not of memory) launches once for all.
-    groups = [list(CASES)] if quick else [[case] for case in CASES]
-    reports = [report for group in groups for report in measure(group, layers, nproc)]
-    for (case, (_, (a, b))), report in zip(CASES.items(), reports, strict=True):
-        row = {"case": case, **report}
-        psi, n = row["params"], row["world_size"]
-        row["predicted_bytes"] = a * psi + b * psi / n
-        row["measured_bytes"] = max(row["bytes_per_rank"])
-        row["resident_bytes"] = max(row["resident_bytes_per_rank"])
-        row["ratio"] = row["measured_bytes"] / row["predicted_bytes"]
+    # A full run gives every repeat of every case fresh processes, so that none starts from
+    # the allocator state another left (no warm-up needed: each measures from after its own
+    # imports and process group); a quick run (a check of the pipeline, not of memory)
+    # launches once for all of them.
+    names = [case for _ in range(repeats) for case in CASES]
+    groups = [names] if quick else [[case] for case in names]
+    reports: dict[str, list[dict]] = {case: [] for case in CASES}
+    for case, report in zip(names, (r for g in groups for r in measure(g, layers, nproc)),
+                            strict=True):  # fmt: skip
+        reports[case].append(report)
+    for case, (_, (a, b)) in CASES.items():
+        first = reports[case][0]
+        psi, n = first["params"], first["world_size"]
+        row = {"case": case, "params": psi, "world_size": n, "strategy": first["strategy"],
+               "runs": [{k: r[k] for k in ("bytes_per_rank", "resident_bytes_per_rank")}
+                        for r in reports[case]],
+               "predicted_bytes": a * psi + b * psi / n}  # fmt: skip
+        for key, per_rank in (("peak_bytes", "bytes_per_rank"),
+                              ("resident_bytes", "resident_bytes_per_rank")):  # fmt: skip
+            row[key] = summarize([max(r[per_rank]) for r in row["runs"]])
         results["rows"].append(row)
-        print(f"{case:14} measured {row['measured_bytes'] / 2**30:.2f} GiB, predicted "
-              f"{row['predicted_bytes'] / 2**30:.2f} GiB, ratio {row['ratio']:.2f}",
-              flush=True)  # fmt: skip
+        print(f"{case:14} peak {row['peak_bytes']['median'] / 2**30:.2f} GiB, resident "
+              f"{row['resident_bytes']['median'] / 2**30:.2f}, formula "
+              f"{row['predicted_bytes'] / 2**30:.2f}", flush=True)  # fmt: skip
     ddp = results["rows"][0]
     for row in results["rows"]:
-        row["vs_ddp"] = row["measured_bytes"] / ddp["measured_bytes"]
-        row["resident_ratio"] = row["resident_bytes"] / row["predicted_bytes"]
-        row["resident_vs_ddp"] = row["resident_bytes"] / ddp["resident_bytes"]
+        for key, name in (("peak_bytes", "peak"), ("resident_bytes", "resident")):
+            row[f"{name}_ratio"] = row[key]["median"] / row["predicted_bytes"]
+            row[f"{name}_vs_ddp"] = row[key]["median"] / ddp[key]["median"]
     return save(out, "zero_memory", results, markdown)
+
+
+def _gib(stats: dict) -> str:
+    return (
+        f"{stats['median'] / 2**30:.2f} ({stats['min'] / 2**30:.2f} – {stats['max'] / 2**30:.2f})"
+    )
 
 
 def markdown(results: dict) -> str:
@@ -181,7 +195,8 @@ def markdown(results: dict) -> str:
         "",
         f"{describe(results['machine'])}{' (quick run)' if results['quick'] else ''} "
         f"MLP of {first['params'] / 1e6:.0f} M parameters, AdamW, fp32, {first['world_size']} "
-        f"processes, buckets of {BUCKET:,} elements; memory added: {kind} (the larger rank).",
+        f"processes, buckets of {BUCKET:,} elements; memory added: {kind} (the larger rank), "
+        f"median of {results['repeats']} launches (min – max).",
         "",
         "| strategy | formula GiB | peak GiB | peak ÷ formula | peak ÷ DDP | resident GiB "
         "| resident ÷ formula | resident ÷ DDP |",
@@ -190,8 +205,8 @@ def markdown(results: dict) -> str:
     for r in results["rows"]:
         lines.append(
             f"| {LABELS[r['case']]} | {r['predicted_bytes'] / 2**30:.2f} "
-            f"| {r['measured_bytes'] / 2**30:.2f} | {r['ratio']:.2f} | {r['vs_ddp']:.2f} "
-            f"| {r['resident_bytes'] / 2**30:.2f} | {r['resident_ratio']:.2f} "
+            f"| {_gib(r['peak_bytes'])} | {r['peak_ratio']:.2f} | {r['peak_vs_ddp']:.2f} "
+            f"| {_gib(r['resident_bytes'])} | {r['resident_ratio']:.2f} "
             f"| {r['resident_vs_ddp']:.2f} |"
         )
     lines += ["", "Peak: the high-water mark of the 3 steps (gathered parameters, communication "
@@ -201,14 +216,19 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser("benchmarks.zero_memory", __doc__, "a smaller model")
+    p = parser(
+        "benchmarks.zero_memory",
+        __doc__,
+        "a smaller model, all in one launch",
+        "launches per case (>= 5)",
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)  # a worker's cases, comma-separated
     p.add_argument("--layers", type=int, default=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return
-    print(markdown(run(args.quick, 1, args.out)))
+    print(markdown(run(args.quick, args.repeats, args.out)))
 
 
 if __name__ == "__main__":
