@@ -40,7 +40,7 @@ def launch(root: Path, name: str, *overrides: str, restarts: int = 0, env: dict 
 def root(tmp_path_factory) -> Path:
     # `make setup` compiles DeepSpeed's ops; without it the first engine would, inside a
     # test's timeout: build (or find) them here.
-    build_ops()
+    build_ops(strict=True)
     return tmp_path_factory.mktemp("ds")
 
 

@@ -47,10 +47,12 @@ def _quiet() -> contextlib.ExitStack:
 
 def require_deepspeed() -> Any:
     """The deepspeed module, set up for this environment, or one line saying how to install it."""
-    # JIT-built C++ ops go beside this environment's packages, not into the ~/.cache shared
-    # by every venv and checkout: each compiles against its own paths, so each rebuilt the
-    # other's ops (a minute on 2 cores) on every switch.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    # JIT-built C++ ops go into a writable venv, not into the ~/.cache shared by every venv
+    # and checkout: each compiles against its own paths, so each rebuilt the other's ops (a
+    # minute on 2 cores) on every switch. Elsewhere (a system or shared read-only install)
+    # torch's default stays.
+    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     if not torch.cuda.is_available():
         # Its CPU accelerator, chosen without the "unable to detect a GPU" warning.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -64,13 +66,22 @@ def require_deepspeed() -> Any:
     return deepspeed
 
 
-def build_ops(names: tuple[str, ...] = ("CPUAdamBuilder", "ShareMemCommBuilder")) -> None:
-    """Compile the C++ ops distnn uses (CPU Adam for optimizer offload, the shared-memory
-    all-reduce of the CPU backend) now (`make setup`), not in the first run that needs them:
-    DeepSpeed installs with DS_BUILD_OPS=0 and JIT-builds each, about a minute on 2 cores.
-    An op this machine cannot build is reported and left to build on first use."""
+# The JIT ops distnn's DeepSpeed strategy loads, per accelerator: on CUDA FusedAdam for
+# AdamW and CPU Adam for an offloaded optimizer; on CPU CPU Adam and the shared-memory
+# all-reduce of DeepSpeed's CPU communication backend.
+OPS = {
+    "cuda": ("FusedAdamBuilder", "CPUAdamBuilder"),
+    "cpu": ("CPUAdamBuilder", "ShareMemCommBuilder"),
+}
+
+
+def build_ops(strict: bool = False) -> None:
+    """Compile the C++ ops distnn uses now (`make setup`), not in the first run that needs
+    them: DeepSpeed installs with DS_BUILD_OPS=0 and JIT-builds each, about a minute on 2
+    cores. An op this machine cannot build is reported and left to build on first use, or,
+    `strict`, raises."""
     accelerator = require_deepspeed().accelerator.get_accelerator()
-    for name in names:
+    for name in OPS.get(accelerator.device_name(), ()):
         builder = accelerator.create_op_builder(name)
         if builder is None or not builder.is_compatible(verbose=False):
             print(f"{name}: not available with the {accelerator.device_name()} accelerator")
@@ -78,9 +89,12 @@ def build_ops(names: tuple[str, ...] = ("CPUAdamBuilder", "ShareMemCommBuilder")
         try:
             builder.load(verbose=False)
         except Exception as e:  # a missing compiler or CUDA toolkit: the first use retries
+            if strict:
+                raise
             print(f"{name}: not built ({e}); it compiles on first use")
             continue
-        print(f"{builder.absolute_name()}: ready in {os.environ['TORCH_EXTENSIONS_DIR']}")
+        where = os.environ.get("TORCH_EXTENSIONS_DIR", "torch's default extensions folder")
+        print(f"{builder.absolute_name()}: ready in {where}")
 
 
 def _check(cfg: Config) -> None:
