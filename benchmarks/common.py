@@ -96,6 +96,24 @@ def save(out: Path, name: str, results: dict, markdown: Callable[[dict], str]) -
     return results
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a median needs at least one run)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def child_env(nproc: int, **extra: str) -> dict[str, str]:
+    """The environment of an `nproc`-process torchrun the benchmarks launch. On a host with
+    GPUs but fewer than `nproc`, the processes run on CPU (gloo): NCCL refuses two ranks on
+    one GPU."""
+    env = {**os.environ, **extra}
+    if 0 < torch.cuda.device_count() < nproc:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def parser(
     module: str, doc: str | None, quick: str, repeats: str = "timed passes per figure (>= 5)"
 ) -> argparse.ArgumentParser:
@@ -107,7 +125,7 @@ def parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help=quick)
-    p.add_argument("--repeats", type=int, default=5, help=repeats)
+    p.add_argument("--repeats", type=positive_int, default=5, help=repeats)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a child process: its result file
     return p

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from benchmarks import data_throughput, end_to_end, report, train_throughput, zero_memory
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, positive_int
 
 BENCHMARKS = {
     "data_throughput": data_throughput,
@@ -25,7 +25,9 @@ BENCHMARKS = {
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="CI-sized runs")
-    p.add_argument("--repeats", type=int, help="timed passes per figure (default 5; 2 quick)")
+    p.add_argument(
+        "--repeats", type=positive_int, help="timed passes per figure (default 5; 2 quick)"
+    )
     p.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run just these")
     p.add_argument(
         "--out", type=Path, help="results folder (default results/, quick: results/quick/)"

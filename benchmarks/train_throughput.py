@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS, describe, machine, parser, save, summarize
+from benchmarks.common import RESULTS, child_env, describe, machine, parser, save, summarize
 from distnn import checkpoint, config, models, monitor, optim, parallel, preempt
 from distnn import precision as precision_lib
 from distnn.data import Loaders
@@ -213,19 +212,23 @@ def scaling_worker(args: argparse.Namespace) -> None:
                 rates.append(n * env.world_size / (time.perf_counter() - t))
             engine.run.close()
             reports.append(summarize(rates))
+        initialized = torch.distributed.is_initialized()  # not for a lone process
+        backend = torch.distributed.get_backend() if initialized else None
     if env.is_main:
-        Path(args.worker).write_text(json.dumps(reports))
+        Path(args.worker).write_text(json.dumps({"backend": backend, "rows": reports}))
 
 
-def scaling(plan: list[tuple], nproc: int, repeats: int) -> list[dict]:
-    """Images/s of each row of the plan on `nproc` processes: one launch for all of them."""
+def scaling(plan: list[tuple], nproc: int, repeats: int) -> dict:
+    """Images/s of each row of the plan on `nproc` processes (one launch for all of them),
+    and the process group's backend."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rates.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "benchmarks.train_throughput",
                f"--worker={out}", f"--plan={json.dumps(plan)}", f"--repeats={repeats}"]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, check=True, timeout=900, env=env, cwd=RESULTS.parents[1])
+        env = child_env(nproc, OMP_NUM_THREADS="1")
+        timeout = 300 + 120 * len(plan) * (repeats + 1)  # a hang's limit, not a budget
+        subprocess.run(cmd, check=True, timeout=timeout, env=env, cwd=RESULTS.parents[1])
         return json.loads(out.read_text())
 
 
@@ -256,9 +259,10 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
                   f"{row['ratio']['median']:.3f}", flush=True)  # fmt: skip
     models = [("tutorial_cnn", 64, 10 if quick else 30)] + ([] if quick else [("resnet18", 32, 10)])
     plan = [(model, batch, accum, steps) for model, batch, steps in models for accum in (1, 2)]
-    results["scaling"] = []
+    single, double = scaling(plan, 1, repeats), scaling(plan, 2, repeats)
+    results["scaling_backend"], results["scaling"] = double["backend"], []
     for (model, batch, accum, steps), one, two in zip(
-        plan, scaling(plan, 1, repeats), scaling(plan, 2, repeats), strict=True
+        plan, single["rows"], double["rows"], strict=True
     ):
         efficiency = two["median"] / (2 * one["median"])
         row = {"model": model, "batch": batch, "accum": accum, "steps": steps,
@@ -292,7 +296,8 @@ def markdown(results: dict) -> str:
             f"| {b['median']:,.0f} ({b['min']:,.0f} – {b['max']:,.0f}) "
             f"| {q['median']:.3f} ({q['min']:.3f} – {q['max']:.3f}) | {o['median']:+,.0f} |"
         )
-    lines += ["", "Weak scaling, DDP over gloo, one thread per process, per-process batch fixed:",
+    lines += ["", f"Weak scaling, DDP over {results['scaling_backend']}, one thread per process, "
+              "per-process batch fixed:",
               "", "| model | batch/process | accum | 1 process | 2 processes | efficiency |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in results["scaling"]:

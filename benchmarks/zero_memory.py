@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS, describe, machine, parser, save, summarize
+from benchmarks.common import RESULTS, child_env, describe, machine, parser, save, summarize
 from distnn import config, optim, parallel
 from distnn import precision as precision_lib
 from distnn.parallel import Env, dist
@@ -141,8 +140,9 @@ def measure(cases: list[str], layers: int, nproc: int) -> list[dict]:
                f"--case={','.join(cases)}", f"--layers={layers}"]  # fmt: skip
         # A fixed mmap threshold: freed tensors go back to the OS at once, so RSS follows what
         # is alive (glibc's adaptive threshold otherwise keeps freed setup buffers resident).
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-        subprocess.run(cmd, check=True, timeout=900, cwd=RESULTS.parents[1], env=env)
+        env = child_env(nproc, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+        timeout = 300 + 120 * len(cases)  # a hang's limit: a case takes 3-20 s here
+        subprocess.run(cmd, check=True, timeout=timeout, cwd=RESULTS.parents[1], env=env)
         return json.loads(out.read_text())
 
 
@@ -196,7 +196,8 @@ def markdown(results: dict) -> str:
         f"{describe(results['machine'])}{' (quick run)' if results['quick'] else ''} "
         f"MLP of {first['params'] / 1e6:.0f} M parameters, AdamW, fp32, {first['world_size']} "
         f"processes, buckets of {BUCKET:,} elements; memory added: {kind} (the larger rank), "
-        f"median of {results['repeats']} launches (min – max).",
+        f"median of {results['repeats']} runs (min – max), "
+        + ("all in one launch." if results["quick"] else "each in fresh processes."),
         "",
         "| strategy | formula GiB | peak GiB | peak ÷ formula | peak ÷ DDP | resident GiB "
         "| resident ÷ formula | resident ÷ DDP |",

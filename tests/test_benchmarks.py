@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import ROOT, run_cli
@@ -59,6 +60,8 @@ def check_train(doc: dict) -> None:
         one, two = stats(r["one"]), stats(r["two"])
         assert r["efficiency"] == pytest.approx(two["median"] / (2 * one["median"]))
     assert {r["accum"] for r in doc["scaling"]} == {1, 2}
+    # Two ranks need two GPUs: with fewer, the scaling runs on CPU.
+    assert doc["scaling_backend"] == ("nccl" if torch.cuda.device_count() >= 2 else "gloo")
 
 
 def check_memory(doc: dict) -> None:
