@@ -95,6 +95,9 @@ def requeue() -> None:
     command = requeue_command()
     if command is None:
         return
+    # Said before it runs: a requeue that works ends this job's processes, often before
+    # scontrol's answer arrives here.
+    print(f"preempted: {' '.join(command)}", file=sys.stderr, flush=True)
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     status = "requeued" if result.returncode == 0 else f"requeue failed: {result.stderr.strip()}"
-    print(f"preempted: {' '.join(command)} -> {status}", file=sys.stderr, flush=True)
+    print(f"preempted: {status}", file=sys.stderr, flush=True)
