@@ -8,9 +8,12 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -104,14 +107,19 @@ def positive_int(text: str) -> int:
     return value
 
 
-def child_env(nproc: int, **extra: str) -> dict[str, str]:
-    """The environment of an `nproc`-process torchrun the benchmarks launch. On a host with
-    GPUs but fewer than `nproc`, the processes run on CPU (gloo): NCCL refuses two ranks on
-    one GPU."""
-    env = {**os.environ, **extra}
+def torchrun_job(module: str, nproc: int, args: list[str], timeout: float, **env: str) -> Any:
+    """Run `python -m module --worker=FILE ARGS` as `nproc` torchrun processes (with `env`
+    added to the environment); the JSON its rank 0 wrote to FILE. On a host with GPUs but
+    fewer than `nproc`, the processes run on CPU (gloo): NCCL refuses two ranks on one GPU."""
+    environ = {**os.environ, **env}
     if 0 < torch.cuda.device_count() < nproc:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
+        environ["CUDA_VISIBLE_DEVICES"] = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", module, f"--worker={out}", *args]  # fmt: skip
+        subprocess.run(cmd, check=True, timeout=timeout, cwd=RESULTS.parents[1], env=environ)
+        return json.loads(out.read_text())
 
 
 def parser(

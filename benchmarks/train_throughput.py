@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS, child_env, describe, machine, parser, save, summarize
+from benchmarks.common import describe, machine, parser, save, summarize, torchrun_job
 from distnn import checkpoint, config, models, monitor, optim, parallel, preempt
 from distnn import precision as precision_lib
 from distnn.data import Loaders
@@ -221,15 +220,9 @@ def scaling_worker(args: argparse.Namespace) -> None:
 def scaling(plan: list[tuple], nproc: int, repeats: int) -> dict:
     """Images/s of each row of the plan on `nproc` processes (one launch for all of them),
     and the process group's backend."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rates.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "benchmarks.train_throughput",
-               f"--worker={out}", f"--plan={json.dumps(plan)}", f"--repeats={repeats}"]  # fmt: skip
-        env = child_env(nproc, OMP_NUM_THREADS="1")
-        timeout = 300 + 120 * len(plan) * (repeats + 1)  # a hang's limit, not a budget
-        subprocess.run(cmd, check=True, timeout=timeout, env=env, cwd=RESULTS.parents[1])
-        return json.loads(out.read_text())
+    args = [f"--plan={json.dumps(plan)}", f"--repeats={repeats}"]
+    timeout = 300 + 120 * len(plan) * (repeats + 1)  # a hang's limit, not a budget
+    return torchrun_job("benchmarks.train_throughput", nproc, args, timeout, OMP_NUM_THREADS="1")
 
 
 def run(quick: bool, repeats: int, out: Path) -> dict:

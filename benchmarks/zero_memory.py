@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS, child_env, describe, machine, parser, save, summarize
+from benchmarks.common import describe, machine, parser, save, summarize, torchrun_job
 from distnn import config, optim, parallel
 from distnn import precision as precision_lib
 from distnn.parallel import Env, dist
@@ -133,17 +131,12 @@ def measure_case(case: str, layers: int, env: Env, live: Path) -> dict:
 
 def measure(cases: list[str], layers: int, nproc: int) -> list[dict]:
     """The cases in one launch of `nproc` processes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "memory.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "benchmarks.zero_memory", f"--worker={out}",
-               f"--case={','.join(cases)}", f"--layers={layers}"]  # fmt: skip
-        # A fixed mmap threshold: freed tensors go back to the OS at once, so RSS follows what
-        # is alive (glibc's adaptive threshold otherwise keeps freed setup buffers resident).
-        env = child_env(nproc, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-        timeout = 300 + 120 * len(cases)  # a hang's limit: a case takes 3-20 s here
-        subprocess.run(cmd, check=True, timeout=timeout, cwd=RESULTS.parents[1], env=env)
-        return json.loads(out.read_text())
+    args = [f"--case={','.join(cases)}", f"--layers={layers}"]
+    timeout = 300 + 120 * len(cases)  # a hang's limit: a case takes 3-20 s here
+    # A fixed mmap threshold: freed tensors go back to the OS at once, so RSS follows what
+    # is alive (glibc's adaptive threshold otherwise keeps freed setup buffers resident).
+    return torchrun_job("benchmarks.zero_memory", nproc, args, timeout,
+                        MALLOC_MMAP_THRESHOLD_=str(1 << 20))  # fmt: skip
 
 
 def run(quick: bool, repeats: int, out: Path) -> dict:
