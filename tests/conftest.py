@@ -291,9 +291,15 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in read_metrics(run_dir) if "loss" in r]
 
 
+def assert_same_params(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-5, atol: float = 1e-6
+) -> None:
+    """Two state dicts with the same keys, equal within rtol/atol, parameter by parameter."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
 def assert_same_weights(run_dir: Path, reference: Path, rtol: float) -> None:
     """Two runs' final weights equal within rtol (atol rtol/10), parameter by parameter."""
-    a, b = final_weights(run_dir), final_weights(reference)
-    assert a.keys() == b.keys()
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=rtol / 10, msg=k)
+    assert_same_params(final_weights(run_dir), final_weights(reference), rtol, atol=rtol / 10)

@@ -17,8 +17,8 @@ from distnn.parallel import deepspeed_config
 from distnn.parallel.deepspeed import build_ops
 from distnn.predict import main as predict
 from distnn.train import train
-from tests.conftest import FAST, final_weights, logged_steps, run_cli
-from tests.test_distributed import assert_same_params, losses, torchrun
+from tests.conftest import FAST, assert_same_params, final_weights, logged_steps, run_cli
+from tests.test_distributed import losses, torchrun
 
 pytest.importorskip("deepspeed")
 

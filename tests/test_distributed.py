@@ -11,7 +11,7 @@ import torch
 from distnn import config
 from distnn.monitor import read_metrics
 from distnn.train import train
-from tests.conftest import FAST, final_weights, run_cli
+from tests.conftest import FAST, assert_same_params, final_weights, run_cli
 
 # A small fp32 problem: tutorial_cnn (no BatchNorm, no dropout), so the math is the same
 # whatever the split; 6 optimizer steps of global batch 32.
@@ -28,12 +28,6 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 1
 
 def losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
-
-
-def assert_same_params(a, b, rtol=1e-5):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=1e-6, msg=k)
 
 
 @pytest.fixture(scope="module")
