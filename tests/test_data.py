@@ -1,5 +1,6 @@
-"""Data: CIFAR and ImageFolder read back from their on-disk formats, synthetic data, sample
-order across ranks and resumes, deterministic augmentation in and out of worker processes."""
+"""Data: CIFAR and ImageFolder read back from their on-disk formats, unreadable files under
+data.on_error, synthetic data, sample order across ranks and resumes, deterministic
+augmentation in and out of worker processes."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from torchvision.transforms.v2 import functional as F
 
 from distnn import data
 from distnn.data import sources
+from distnn.data.errors import DataErrors, PolicyLoader
 from distnn.data.order import EvalBatches, TrainBatches
 from distnn.data.transforms import EvalTransform, TrainTransform
 from distnn.errors import UserError
+from distnn.monitor import read_metrics
 from distnn.parallel.env import Env
-from tests.conftest import write_cifar, write_imagefolder
+from tests.conftest import FAST, run_cli, write_cifar, write_imagefolder
 
 
 def user_error(fn, *args) -> str:
@@ -176,12 +179,90 @@ def test_imagefolder_corrupt_file_names_it(tmp_path, make_cfg):
     write_imagefolder(tmp_path, per_class=(1, 1))
     bad = tmp_path / "train" / "dog" / "x.jpg"
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 600, dtype=np.uint8).tobytes())
-    ds = sources.load(make_cfg("data.source=imagefolder", f"data.root={tmp_path}").data)
-    i = ds.train.paths.index(bad)
-    message = user_error(ds.train.image, i)
-    assert str(bad) in message
+    cfg = make_cfg("data.source=imagefolder", f"data.root={tmp_path}", "data.on_error=raise",
+                   "train.batch_size=4")  # fmt: skip
+    loaders = data.build(cfg, Env())
+    message = user_error(lambda: list(loaders.train))
+    assert str(bad) in message and "data.on_error=skip" in message
     # The other files still decode.
+    ds = sources.load(cfg.data)
+    i = ds.train.paths.index(bad)
     assert all(ds.train.image(j).shape[0] == 3 for j in range(len(ds.train)) if j != i)
+
+
+def write_bad_imagefolder(root) -> list:
+    """An ImageFolder of 20 training images (12 × 20 px) and 3 val ones, two of the training
+    files unreadable: a zero-byte PNG and a text file named .jpg."""
+    write_imagefolder(root, per_class=(6, 1), size=12)
+    empty, text = root / "train" / "cat" / "empty.png", root / "train" / "dog" / "notes.jpg"
+    empty.write_bytes(b"")
+    text.write_text("not an image\n")
+    return [empty, text]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_imagefolder_unreadable_files_are_skipped_and_counted(tmp_path, make_cfg, workers):
+    bad = write_bad_imagefolder(tmp_path)
+
+    def cfg(*extra: str):
+        return make_cfg("data.source=imagefolder", f"data.root={tmp_path}", "data.image_size=16",
+                        "train.batch_size=5", f"data.workers={workers}", *extra)  # fmt: skip
+
+    ds = sources.load(cfg().data)
+    bad_index = {ds.train.paths.index(p) for p in bad}
+    loaders = data.build(cfg(), Env())
+    order = list(loaders.train_order)
+    batches = list(loaders.train)
+    assert len(batches) == loaders.steps_per_epoch == len(order) == 4
+    for (x, y), keys in zip(batches, order, strict=True):
+        # Full batches but for the unreadable samples, left out; the rest in order.
+        good = [i for i, _ in keys if i not in bad_index]
+        assert y.tolist() == [ds.train.label(i) for i in good]
+        assert x.shape == (len(good), 3, 16, 16)
+    assert loaders.errors.skipped == 2
+    assert all(any(str(p) in line for line in loaders.errors.recent) for p in bad)
+    assert sum(len(y) for _, y in loaders.val) == 3 and loaders.errors.skipped == 2
+    # Two ranks: the same number of steps on each, every unreadable file counted once.
+    ranks = [data.build(cfg(), Env(rank=r, world_size=2)) for r in range(2)]
+    assert [len(list(r.train)) for r in ranks] == [r.steps_per_epoch for r in ranks] == [2, 2]
+    assert sum(r.errors.skipped for r in ranks) == 2
+    # data.on_error=raise: the first unreadable file met stops the epoch, named in one line.
+    first = next(i for keys in order for i, _ in keys if i in bad_index)
+    strict = data.build(cfg("data.on_error=raise"), Env())
+    message = user_error(lambda: list(strict.train))
+    assert str(ds.train.paths[first]) in message and "data.on_error=skip" in message
+
+
+def test_a_batch_with_no_readable_sample():
+    x, y = torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([1, 2])
+    good = (x, y, [])
+    empty = (x[:0], y[:0], ["sample 7: bad", "sample 8: bad"])
+    errors = DataErrors()
+    train = list(PolicyLoader([good, empty, good], errors, "skip", train=True))
+    # Training repeats the last good batch, so every rank keeps the same number of steps.
+    assert len(train) == 3 and all(torch.equal(b, y) for _, b in train)
+    assert errors.skipped == 2 and errors.last == "sample 8: bad"
+    assert len(list(PolicyLoader([good, empty, good], DataErrors(), "skip", train=False))) == 2
+    first = PolicyLoader([empty, good], DataErrors(), "skip", train=True)
+    assert "sample 7" in user_error(lambda: list(first))
+
+
+@pytest.mark.timeout(120)
+def test_cli_imagefolder_with_unreadable_files(tmp_path):
+    bad = write_bad_imagefolder(tmp_path / "data")
+    run = ("-m", "distnn.train", f"run.dir={tmp_path / 'runs'}", *FAST, "data.source=imagefolder",
+           f"data.root={tmp_path / 'data'}", "data.image_size=16", "train.batch_size=5",
+           "train.epochs=1", "train.log_every=1")  # fmt: skip
+    r = run_cli(*run, "run.name=skip")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "runs" / "skip" / "summary.json").is_file()
+    train_records = [m for m in read_metrics(tmp_path / "runs" / "skip") if "loss" in m]
+    assert len(train_records) == 4 and train_records[-1]["data_errors"] == 2
+    r = run_cli(*run, "run.name=raise", "data.on_error=raise")
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    assert any(str(p) in lines[0] for p in bad) and "data.on_error=skip" in lines[0]
 
 
 # --- synthetic ------------------------------------------------------------------------------
@@ -336,7 +417,7 @@ def test_eval_loaders_across_ranks(make_cfg):
     labels = {}
     for rank in range(2):
         loaders = data.build(synthetic_cfg(make_cfg, 4), Env(rank=rank, world_size=2))
-        for keys, (x, y) in zip(loaders.val.sampler, loaders.val, strict=True):
+        for keys, (x, y) in zip(loaders.val.loader.sampler, loaders.val, strict=True):
             for (i, _), row, label in zip(keys, x, y.tolist(), strict=True):
                 assert i not in labels
                 labels[i] = label

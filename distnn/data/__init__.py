@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
-from distnn.config import Config
+from distnn.config import Config, for_world
 from distnn.data import pipeline, sources
+from distnn.data.errors import Batch, DataErrors, PolicyLoader, reason
 from distnn.data.order import EvalBatches, Key, ShardOrder, TrainBatches
-from distnn.data.pipeline import DataErrors, ShardLoader
 from distnn.data.transforms import EvalTransform, TrainTransform
 from distnn.errors import UserError
 from distnn.parallel.env import Env
@@ -18,7 +18,8 @@ from distnn.parallel.env import Env
 
 class BatchReader(torch.utils.data.Dataset):
     """Reads and collates a whole batch inside the worker: one IPC message per batch, not
-    per sample, and the result is already one uint8 tensor."""
+    per sample, and the result is already one uint8 tensor. Unreadable samples are left out
+    and reported, as ShardReader does, for `data.on_error` to decide about."""
 
     def __init__(
         self, split: sources.Split, size: int, transform: TrainTransform | EvalTransform
@@ -28,26 +29,34 @@ class BatchReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, keys: list[Key]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, keys: list[Key]) -> Batch:
         images = torch.empty(len(keys), 3, self.size, self.size, dtype=torch.uint8)
         labels = torch.empty(len(keys), dtype=torch.int64)
-        for j, (i, epoch) in enumerate(keys):
-            images[j] = self.transform(self.split.image(i), i, epoch)
-            labels[j] = self.split.label(i)
-        return images, labels
+        n, problems = 0, []
+        for i, epoch in keys:
+            try:
+                image, label = self.split.image(i), self.split.label(i)
+            except Exception as e:  # a file that does not decode; a user's split may raise anything
+                problems.append(f"sample {i}: {reason(e)}")
+                continue
+            images[n] = self.transform(image, i, epoch)
+            labels[n] = label
+            n += 1
+        return images[:n], labels[:n], problems
 
 
 @dataclass
 class Loaders:
-    train: DataLoader | ShardLoader
-    val: DataLoader | ShardLoader
+    train: PolicyLoader
+    val: PolicyLoader
     train_order: TrainBatches | ShardOrder
     classes: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     train_size: int
     val_size: int
-    # Unreadable samples skipped so far on this rank (data.on_error=skip; shards only).
+    # Unreadable samples skipped so far on this rank (data.on_error=skip), train and val; the
+    # default serves loaders that read nothing from disk (the benchmarks' in-memory batches).
     errors: DataErrors = field(default_factory=DataErrors)
 
     @property
@@ -56,12 +65,20 @@ class Loaders:
         return self.train_order.steps
 
 
-def _loader(reader: BatchReader, order, cfg: Config, pin: bool) -> DataLoader:
+def _loader(
+    reader: BatchReader | pipeline.ShardReader,
+    order: TrainBatches | EvalBatches | ShardOrder,
+    cfg: Config,
+    pin: bool,
+    errors: DataErrors,
+    train: bool,
+) -> PolicyLoader:
+    """The DataLoader over a reader's whole batches, under `data.on_error` (every source)."""
     workers = cfg.data.workers
-    return DataLoader(
+    loader = DataLoader(
         reader,
         sampler=order,
-        batch_size=None,  # the sampler yields whole batches; BatchReader collates them
+        batch_size=None,  # the sampler yields whole batches; the reader collates them
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=workers > 0,
@@ -70,9 +87,11 @@ def _loader(reader: BatchReader, order, cfg: Config, pin: bool) -> DataLoader:
         # RNG would shift dropout masks after a resume. Augmentation is seeded per sample.
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
+    return PolicyLoader(loader, errors, cfg.data.on_error, train)
 
 
 def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
+    cfg = for_world(cfg, env.world_size, env.local_world_size)  # as train() runs it
     if cfg.data.source == "shards":
         return pipeline.build(cfg, env, pin_memory)
     ds = sources.load(cfg.data)
@@ -94,13 +113,15 @@ def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
     train_reader = BatchReader(ds.train, size, TrainTransform(size, cfg.train.seed, cfg.data.hflip))
     val_reader = BatchReader(ds.val, size, EvalTransform(size))
     val_order = EvalBatches(len(ds.val), cfg.train.batch_size, env.world_size, env.rank)
+    errors = DataErrors()
     return Loaders(
-        train=_loader(train_reader, order, cfg, pin_memory),
-        val=_loader(val_reader, val_order, cfg, pin_memory),
+        train=_loader(train_reader, order, cfg, pin_memory, errors, train=True),
+        val=_loader(val_reader, val_order, cfg, pin_memory, errors, train=False),
         train_order=order,
         classes=ds.classes,
         mean=ds.mean,
         std=ds.std,
         train_size=len(ds.train),
         val_size=len(ds.val),
+        errors=errors,
     )

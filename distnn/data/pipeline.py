@@ -4,27 +4,25 @@ The sampler (order.ShardOrder, in the main process) names each batch's samples a
 member, global index); a worker reads them — by byte offset from the shard's sidecar index
 when there is one, else by streaming the tar with webdataset — decodes them with PIL, augments
 them (seeded per sample, as the other sources) and collates the batch. Unreadable samples are
-reported back and handled in the main process by `data.on_error`.
+reported back and handled in the main process by `data.on_error` (errors.PolicyLoader).
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import os
 import random
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from distnn.data import manifest as mf
+from distnn.data.errors import Batch, DataErrors, SampleError, reason
 from distnn.data.order import ShardOrder, Spec
 from distnn.data.transforms import SMALL, EvalTransform, TrainTransform
 from distnn.errors import UserError
@@ -33,12 +31,6 @@ if TYPE_CHECKING:
     from distnn.config import Config
     from distnn.data import Loaders
     from distnn.parallel.env import Env
-
-log = logging.getLogger("distnn.data")
-
-
-class SampleError(Exception):
-    """A sample that cannot be read or decoded (what `data.on_error` decides about)."""
 
 
 def _lru(cache: OrderedDict, key: Any, make: Any, keep: int) -> Any:
@@ -134,7 +126,7 @@ class ShardReader(Dataset):
     def _index(self, shard: mf.Shard, f: Any) -> list[list]:
         return mf.read_index(self.root / shard.index, shard, os.fstat(f.fileno()).st_size)
 
-    def __getitem__(self, spec: Spec) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def __getitem__(self, spec: Spec) -> Batch:
         epoch, items = spec
         images, labels, indices, problems = [], [], [], []
         for s, m, g in items.tolist():
@@ -142,9 +134,7 @@ class ShardReader(Dataset):
                 data, label = self.sample(s, m)
                 images.append(decode_rgb(data))
             except Exception as e:  # PIL alone raises OSError, SyntaxError, ValueError, zlib.error
-                why = e if isinstance(e, SampleError) else f"{type(e).__name__}: {e}"
-                why = (str(why).splitlines() or [""])[0]  # the report is one line
-                problems.append(f"shard {self.shards[s].file} member {m}: {why}")
+                problems.append(f"shard {self.shards[s].file} member {m}: {reason(e)}")
                 continue
             labels.append(label)
             indices.append(g)
@@ -179,55 +169,6 @@ class ShardReader(Dataset):
         return x
 
 
-@dataclass
-class DataErrors:
-    """Unreadable samples skipped on this rank (cumulative): what the monitor logs."""
-
-    skipped: int = 0
-    last: str = ""
-    recent: list[str] = field(default_factory=list)
-
-    def add(self, problems: list[str]) -> None:
-        self.skipped += len(problems)
-        self.last = problems[-1]
-        self.recent = (self.recent + problems)[-20:]
-        log.warning(
-            "warning: skipped %d unreadable sample(s), %d so far: %s",
-            len(problems), self.skipped, problems[0],
-        )  # fmt: skip
-
-
-class ShardLoader:
-    """The DataLoader plus the error policy, applied in the main process so a `raise` is one
-    clean line, not a worker traceback. Yields (uint8 images, labels) like the other sources."""
-
-    def __init__(self, loader: DataLoader, errors: DataErrors, on_error: str, train: bool) -> None:
-        self.loader, self.errors, self.on_error, self.train = loader, errors, on_error, train
-
-    @property
-    def num_workers(self) -> int:
-        return self.loader.num_workers
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        last = None
-        for x, y, problems in self.loader:
-            if problems:
-                if self.on_error == "raise":
-                    raise UserError(f"{problems[0]} (data.on_error=skip skips such samples)")
-                self.errors.add(problems)
-            if len(y) == 0:
-                if not self.train:
-                    continue
-                if last is None:
-                    raise UserError(f"no readable sample in the first batch: {problems[0]}")
-                x, y = last  # repeat the last good batch: every rank keeps the same step count
-            last = (x, y)
-            yield x, y
-
-
 def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
     from distnn.data import Loaders, _loader  # the package imports this module
 
@@ -255,8 +196,8 @@ def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
     )
     val_reader = ShardReader(m.root, val_shards, n_classes, size, EvalTransform(size))
     return Loaders(
-        train=ShardLoader(_loader(train_reader, order, cfg, pin_memory), errors, d.on_error, True),
-        val=ShardLoader(_loader(val_reader, val_order, cfg, pin_memory), errors, d.on_error, False),
+        train=_loader(train_reader, order, cfg, pin_memory, errors, train=True),
+        val=_loader(val_reader, val_order, cfg, pin_memory, errors, train=False),
         train_order=order,
         classes=m.classes,
         mean=m.mean,

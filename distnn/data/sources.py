@@ -11,9 +11,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from distnn.config import DataConfig
+from distnn.data.errors import reason
 from distnn.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")
@@ -82,12 +83,18 @@ def decode(data: bytes) -> torch.Tensor:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """Decode an image file, or raise a UserError naming the file."""
+    """Decode an image file, or raise a UserError naming the file (`data.on_error` decides
+    whether a run skips it)."""
+    data = b""
     try:
-        return decode(Path(path).read_bytes())
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot read image {str(path)!r}: {reason}") from None
+        data = Path(path).read_bytes()
+        return decode(data)
+    except UnidentifiedImageError:
+        # PIL's own message names an anonymous BytesIO; say what the file is instead.
+        why = "empty file" if not data else "not an image format PIL reads"
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
+        why = reason(e)
+    raise UserError(f"cannot read image {str(path)!r}: {why}")
 
 
 # --- CIFAR (the official python-format batches) ---------------------------------------------

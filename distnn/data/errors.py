@@ -1,0 +1,87 @@
+"""`data.on_error` for every source: readers leave unreadable samples out of their batch and
+report them; `PolicyLoader` skips and counts them or stops the run, in the main process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from distnn.errors import UserError
+
+log = logging.getLogger("distnn.data")
+
+# What a reader's __getitem__ returns: uint8 images and labels of the samples it could read,
+# and one line for each sample it left out.
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+
+class SampleError(Exception):
+    """A sample that cannot be read or decoded (what `data.on_error` decides about)."""
+
+
+def reason(e: Exception) -> str:
+    """Why a sample failed, in one line: our own errors' words, else the exception's type and
+    the first line of its message (PIL's can span lines)."""
+    text = str(e) if isinstance(e, SampleError | UserError) else f"{type(e).__name__}: {e}"
+    return (text.splitlines() or [""])[0]
+
+
+@dataclass
+class DataErrors:
+    """Unreadable samples skipped on this rank (cumulative): what the monitor logs."""
+
+    skipped: int = 0
+    last: str = ""
+    recent: list[str] = field(default_factory=list)
+
+    def add(self, problems: list[str]) -> None:
+        self.skipped += len(problems)
+        self.last = problems[-1]
+        self.recent = (self.recent + problems)[-20:]
+        log.warning(
+            "warning: skipped %d unreadable sample(s), %d so far: %s",
+            len(problems), self.skipped, problems[0],
+        )  # fmt: skip
+
+
+class PolicyLoader:
+    """A DataLoader over a reader that yields `Batch`es, plus the error policy, applied in the
+    main process so a `raise` is one clean line, not a worker traceback. Yields (uint8 images,
+    labels) like a plain DataLoader."""
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        errors: DataErrors,
+        on_error: Literal["skip", "raise"],
+        train: bool,
+    ) -> None:
+        self.loader, self.errors, self.on_error, self.train = loader, errors, on_error, train
+
+    @property
+    def num_workers(self) -> int:
+        return self.loader.num_workers
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        last = None
+        for x, y, problems in self.loader:
+            if problems:
+                if self.on_error == "raise":
+                    raise UserError(f"{problems[0]} (data.on_error=skip skips such samples)")
+                self.errors.add(problems)
+            if len(y) == 0:
+                if not self.train:
+                    continue  # evaluation counts the samples it read; nothing to repeat
+                if last is None:
+                    raise UserError(f"no readable sample in the first batch: {problems[0]}")
+                x, y = last  # repeat the last good batch: every rank keeps the same step count
+            last = (x, y)
+            yield x, y
