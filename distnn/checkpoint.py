@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as td
 
+from distnn import fsio
 from distnn.config import CkptConfig, Config
 from distnn.errors import UserError, cli
 from distnn.parallel.dist import barrier
@@ -36,11 +37,13 @@ STATE = "state.pt"  # in a directory checkpoint: everything but the shards
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's generators; on CUDA only its own device's, which is all it draws from
+    (a resumed rank may see fewer GPUs, or its GPU under another index)."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -48,48 +51,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # A CPU run's checkpoint has no CUDA state; a GPU run's resumed on CPU has no use for it.
+    if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # the current device: this rank's
+
+
+def _gather(obj: Any) -> list[Any]:
+    """`obj` from every rank, in rank order."""
+    if not (td.is_initialized() and td.get_world_size() > 1):
+        return [obj]
+    objs: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(objs, obj)
+    return objs
 
 
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG state, in rank order (dropout masks differ per rank)."""
-    mine = rng_state()
-    if not (td.is_initialized() and td.get_world_size() > 1):
-        return [mine]
-    states: list[Any] = [None] * td.get_world_size()
-    td.all_gather_object(states, mine)
-    return states
+    return _gather(rng_state())
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary name in the same directory, fsync, rename: a crash leaves either
-    the old file or the new one, never a truncated file under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    """torch.save, whole or not at all (fsio.atomic_open)."""
+    with fsio.atomic_open(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _replace(tmp, path)
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename into place and fsync the directory, so the rename itself survives a crash."""
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -112,13 +96,6 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if shards is not None:  # the strategy finds its shards where the state was read
         state["strategy"]["shards"] = str(shards)
     return state
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -172,41 +149,67 @@ class Manager:
             atomic_save(state, path)
         if not self.writes:
             return None
-        atomic_write_text(path.name + "\n", self.dir / "latest")
+        fsio.write_text(self.dir / "latest", path.name + "\n")
         if best:
             self._mark_best(path)
         for old in self.saved()[: -self.cfg.keep]:
-            _remove(old)
+            fsio.remove(old)
         return path
 
     def _save_directory(
         self, state: dict[str, Any], path: Path, save_shards: Callable[[Path], None]
     ) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        if self.writes:
-            _remove(tmp)  # left by a crash mid-save
-            tmp.mkdir(parents=True)
-        barrier()
-        save_shards(tmp)
-        barrier()  # every rank's files are closed (on NFS: flushed to the server)
-        if self.writes:
-            atomic_save(state, tmp / STATE)
-            _fsync_tree(tmp)
-            _remove(path)  # the same step saved again (best after the epoch's checkpoint)
-            _replace(tmp, path)
-        barrier()  # no rank returns (and maybe exits) before the checkpoint is in place
+        tmp = fsio.temp_path(path)
+
+        def prepare() -> None:
+            if self.writes:
+                fsio.remove(tmp)  # left by a crash mid-save
+                tmp.mkdir(parents=True)
+
+        def finish() -> None:
+            if self.writes:
+                with open(tmp / STATE, "wb") as f:  # the directory goes into place whole
+                    torch.save(state, f)
+                _fsync_tree(tmp)
+                fsio.remove(path)  # the same step saved again (best after the epoch's checkpoint)
+                fsio.replace(tmp, path)
+
+        self._together(prepare, path, tmp)
+        # After the shards: every rank's files are closed (on NFS: flushed to the server).
+        self._together(lambda: save_shards(tmp), path, tmp)
+        # No rank returns (and maybe exits) before the checkpoint is in place.
+        self._together(finish, path, tmp)
+
+    def _together(self, part: Callable[[], None], path: Path, tmp: Path) -> None:
+        """This rank's part of a directory save, then every rank waits for the others and
+        learns whether a write failed anywhere (a full disk): if so, every rank raises the
+        first failure's line and the temporary directory goes. A rank that gave up alone
+        would leave the others waiting for it until the timeout."""
+        try:
+            with fsio.reporting(path):
+                part()
+            error = None
+        except UserError as e:
+            error = str(e)
+        error = next((e for e in _gather(error) if e is not None), None)
+        if error is not None:
+            if self.writes:
+                fsio.remove(tmp)
+            barrier()  # as one rank exits, torchrun stops the others: rank 0 has cleaned up
+            raise UserError(error)
 
     def _mark_best(self, path: Path) -> None:
         """best.pt (or best/) as hard links: no copy, and pruning the step leaves it intact."""
         best = self.dir / ("best" if path.is_dir() else "best.pt")
-        tmp = self.dir / f".{best.name}.tmp"
-        _remove(tmp)
-        if path.is_dir():
-            shutil.copytree(path, tmp, copy_function=os.link)
-            _remove(best)  # a directory cannot be renamed over a non-empty one
-        else:
-            os.link(path, tmp)
-        os.replace(tmp, best)
+        tmp = fsio.temp_path(best)
+        fsio.remove(tmp)
+        with fsio.reporting(best, partial=tmp):  # links take space too (directory entries)
+            if path.is_dir():
+                shutil.copytree(path, tmp, copy_function=os.link)
+                fsio.remove(best)  # a directory cannot be renamed over a non-empty one
+            else:
+                os.link(path, tmp)
+            os.replace(tmp, best)
 
     def saved(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -243,7 +246,7 @@ class Manager:
         if step == 0:
             stale += [self.dir / name for name in ("best.pt", "best", "latest")]
         for p in stale:
-            _remove(p)
+            fsio.remove(p)
 
 
 def check_compatible(
@@ -265,6 +268,35 @@ def check_compatible(
                 f"checkpoint {str(path)!r} was trained with {key}={then}, this run has {now}; "
                 "use another run.name or ckpt.resume=never"
             )
+
+
+def resume_notes(state: dict[str, Any], cfg: Config, world_size: int) -> list[str]:
+    """What makes this resume differ from the uninterrupted run, one line each. Exact resume
+    needs the sample order the checkpoint's run had: a function of the world size (and, for
+    shards, of data.workers)."""
+    then = state.get("world_size", len(state["rng"]))  # older checkpoints: one RNG per rank
+    notes = []
+    if then != world_size:
+        before = state["config"]["train"]["batch_size"] * then
+        after = cfg.train.batch_size * world_size
+        detail = (
+            f"the global batch changes from {before} to {after}"
+            if before != after
+            else "each rank's samples and random streams differ"
+        )
+        notes.append(
+            f"note: the checkpoint was written by {then} processes, this run has {world_size}: "
+            f"it continues, but not exactly as an uninterrupted run ({detail}); resume on "
+            f"{then} processes for that"
+        )
+    workers = state["config"]["data"]["workers"]
+    if cfg.data.source == "shards" and workers != cfg.data.workers:
+        notes.append(
+            f"note: the checkpoint's run read shards with data.workers={workers}, this one "
+            f"with {cfg.data.workers}: its sample order differs from the uninterrupted run's "
+            f"(set data.workers={workers} to resume exactly)"
+        )
+    return notes
 
 
 def restore_rng(state: dict[str, Any], rank: int) -> None:
@@ -302,7 +334,7 @@ def export(source: str | Path, out: str | Path) -> Path:
         "std": list(state["std"]),
         "config": cfg,
     }
-    atomic_write_text(json.dumps(meta, indent=2) + "\n", out.with_suffix(".json"))
+    fsio.write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return out
 
 

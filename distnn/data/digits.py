@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from distnn import fsio
 from distnn.errors import cli
 
 
@@ -25,13 +26,14 @@ def write(out: Path, val_fraction: float = 0.2, seed: int = 0, size: int = 32) -
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = round(len(images) * val_fraction)
     counts = {"train": 0, "val": 0}
-    for rank, i in enumerate(order):
-        split = "val" if rank < n_val else "train"
-        target = out / split / str(digits.target[i])
-        target.mkdir(parents=True, exist_ok=True)
-        img = Image.fromarray(images[i], mode="L").resize((size, size), Image.BICUBIC)
-        img.convert("RGB").save(target / f"{i:04d}.png")
-        counts[split] += 1
+    with fsio.reporting(out):  # PIL removes the file it was writing when that fails
+        for rank, i in enumerate(order):
+            split = "val" if rank < n_val else "train"
+            target = out / split / str(digits.target[i])
+            target.mkdir(parents=True, exist_ok=True)
+            img = Image.fromarray(images[i], mode="L").resize((size, size), Image.BICUBIC)
+            img.convert("RGB").save(target / f"{i:04d}.png")
+            counts[split] += 1
     return counts
 
 

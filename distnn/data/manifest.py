@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distnn import fsio
 from distnn.data.sources import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from distnn.errors import UserError
 
@@ -76,9 +76,7 @@ def sha256_file(path: Path) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     """Atomic: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    fsio.write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _need(obj: Any, key: str, kind: type | tuple[type, ...], where: str, path: Path) -> Any:

@@ -3,6 +3,7 @@ the shard is complete, then its sidecar index, its manifest entry, and the final
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tarfile
 from collections import Counter
@@ -11,6 +12,7 @@ from typing import Any
 
 import webdataset as wds
 
+from distnn import fsio
 from distnn.data import manifest as mf
 
 # Integer mtime: tarfile then writes no PAX header per member (a float mtime forces one, which
@@ -49,16 +51,27 @@ class SplitWriter:
         if self.writer is None:
             self.name = f"{self.split}-{len(self.shards):06d}"
             self.tmp = self.out / f".{self.name}.tar.tmp"
-            self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=MTIME)
             self.first = pos
-        self.writer.write({"__key__": key, ext: image, "cls": str(label).encode(), "json": meta})
+            with self._reporting():
+                self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=MTIME)
+        with self._reporting():
+            self.writer.write(
+                {"__key__": key, ext: image, "cls": str(label).encode(), "json": meta}
+            )
         self.rows.append((key, ext, label))
         return closed
+
+    def _reporting(self) -> contextlib.AbstractContextManager[None]:
+        """A failed write of the open shard (a full disk) as one line naming it; abort(),
+        which follows, drops the partial file."""
+        return fsio.reporting(self.out / f"{self.name}.tar")
 
     def abort(self) -> None:
         """Stop mid-shard (an error): drop the unfinished shard, as a crash would."""
         if self.writer is not None:
-            self.writer.close()
+            # Closing writes the tar's end, which fails again where a full disk stopped us.
+            with contextlib.suppress(OSError):
+                self.writer.close()
             self.tmp.unlink(missing_ok=True)
             self.writer = None
 
@@ -66,7 +79,8 @@ class SplitWriter:
         """Finish the open shard (its sources end before `end`); its manifest entry."""
         if self.writer is None:
             return None
-        self.writer.close()
+        with self._reporting():
+            self.writer.close()
         where = {}
         with tarfile.open(self.tmp, "r:") as tar:  # offsets as tarfile itself reads them
             for member in tar:

@@ -3,16 +3,17 @@ rank 0 only. Every sink gets the same keys at the same step (the optimizer step)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distnn import config as config_lib
+from distnn import fsio
 from distnn.config import Config
 from distnn.monitor import console, images
 from distnn.parallel.env import Env
@@ -40,10 +41,11 @@ class Run:
         self.wants_images = False  # the engine hands over one training batch when True
         if self.writes:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+            fsio.write_text(self.dir / "config.yaml", config_lib.to_yaml(cfg))
             last_logged = _rewind(self.dir / "metrics.jsonl", start_step)
             # Line-buffered and open for the whole run: a killed job keeps every record written.
-            self.metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+            with fsio.reporting(self.dir / "metrics.jsonl"):
+                self.metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
             try:
                 if cfg.log.tensorboard:
                     self._start_tensorboard(cfg, start_step)
@@ -70,10 +72,16 @@ class Run:
     def log(self, record: dict[str, Any]) -> None:
         if not self.writes:
             return
-        self.metrics.write(json.dumps(_clean(record)) + "\n")
+        with fsio.reporting(self.dir / "metrics.jsonl"):
+            self.metrics.write(json.dumps(_clean(record)) + "\n")
         self.console.log(record)
-        for sink in self.sinks:
-            sink.log(record)
+        self._to_sinks(lambda sink: sink.log(record))
+
+    def _to_sinks(self, call: Callable[[Any], None]) -> None:
+        # TensorBoard writes its event files under the run directory (W&B in its own process).
+        with fsio.reporting(self.dir):
+            for sink in self.sinks:
+                call(sink)
 
     def log_first_batch(
         self,
@@ -89,8 +97,7 @@ class Run:
             return
         self.wants_images = False
         grid = images.grid(x, mean, std)
-        for sink in self.sinks:
-            sink.first_batch(grid, x, model, step)
+        self._to_sinks(lambda sink: sink.first_batch(grid, x, model, step))
 
     def message(self, text: str) -> None:
         if self.writes:
@@ -98,19 +105,22 @@ class Run:
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.writes:
-            path = self.dir / "summary.json"
-            path.write_text(json.dumps(_clean(values), indent=2) + "\n")
-            for sink in self.sinks:
-                sink.summary(values)
+            fsio.write_text(self.dir / "summary.json", json.dumps(_clean(values), indent=2) + "\n")
+            self._to_sinks(lambda sink: sink.summary(values))
 
     def close(self) -> None:
         self.console.close()
         if self.metrics is not None:
-            self.metrics.close()
+            # Line-buffered: all it can hold is what a failed log() could not write, and
+            # that log() has said why.
+            with contextlib.suppress(OSError):
+                self.metrics.close()
             self.metrics = None
         sinks, self.sinks = self.sinks, []
-        for sink in sinks:
-            sink.close()
+        # Each sink closes even when one fails (a full disk), which then shows as one line.
+        with fsio.reporting(self.dir), contextlib.ExitStack() as closing:
+            for sink in reversed(sinks):
+                closing.callback(sink.close)
 
 
 def _rewind(path: Path, step: int) -> int | None:
@@ -130,9 +140,7 @@ def _rewind(path: Path, step: int) -> int | None:
         last = record_step
         if record_step <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    fsio.write_text(path, "".join(kept))
     return last
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from distnn import config as config_lib
+from distnn import fsio
 from distnn.config import Config
 
 ID_FILE = "wandb_id"
@@ -156,7 +157,7 @@ class WandbSink:
                 mode = "offline"
         if mode == "offline":
             run = init("offline")
-        id_path.write_text(run_id + "\n")
+        fsio.write_text(id_path, run_id + "\n")
         floor = -1
         if resumed:
             floor = max(last_logged if last_logged is not None else -1, run.starting_step - 1)
