@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,14 +55,16 @@ class DataConfig:
     )
     image_size: int = _f(32, "side of the square training crop, pixels")
     hflip: bool = _f(True, "random horizontal flips in training (off for digits, text)")
-    workers: int = _f(4, "DataLoader worker processes per rank")
+    workers: int | None = _f(
+        None, "DataLoader worker processes per rank (default: this node's CPUs ÷ its ranks, ≤ 8)"
+    )
     prefetch_factor: int = _f(2, "batches each worker loads ahead")
     download: bool = _f(False, "download CIFAR with torchvision when missing (needs internet)")
     verify: bool = _f(
         False, "shards: check each shard's sha256 and sample count against the manifest first"
     )
     on_error: Literal["skip", "raise"] = _f(
-        "skip", "shards: an unreadable sample is skipped and counted, or stops the run"
+        "skip", "an unreadable sample (any source) is skipped and counted, or stops the run"
     )
     synthetic_train: int = _f(2048, "synthetic: training samples")
     synthetic_val: int = _f(512, "synthetic: validation samples")
@@ -390,7 +393,7 @@ def validate(cfg: Config) -> Config:
     non_negative = {
         "train.epochs": cfg.train.epochs,
         "train.max_steps": cfg.train.max_steps,
-        "data.workers": cfg.data.workers,
+        "data.workers": cfg.data.workers or 0,
         "sched.warmup_steps": cfg.sched.warmup_steps,
         "ckpt.every_steps": cfg.ckpt.every_steps,
         "train.global_batch": cfg.train.global_batch,
@@ -407,9 +410,20 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def for_world(cfg: Config, world_size: int) -> Config:
-    """The config as this world size runs it: batch_size derived from train.global_batch."""
-    t = cfg.train
+def default_workers(local_world_size: int) -> int:
+    """Loader workers per rank that the node's CPUs can feed: more only contend for them (torch
+    warns at every epoch past the CPU count)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cpus or 1) // local_world_size))
+
+
+def for_world(cfg: Config, world_size: int, local_world_size: int = 1) -> Config:
+    """The config as this job runs it: batch_size derived from train.global_batch, and
+    data.workers from the node's CPUs where unset. The run saves this resolved config."""
+    t, d = cfg.train, cfg.data
+    if d.workers is None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, workers=default_workers(
+            local_world_size)))  # fmt: skip
     if t.global_batch == 0:
         return cfg
     per_step = world_size * t.accum_steps

@@ -107,7 +107,11 @@ class Engine:
                 "loss_count": self.loss_count,
                 "skipped": self.skipped,
                 "overflows": int(self.overflows),
+                # The summary's, so that an attempt that trains no further still reports them.
+                "last_train_loss": self.last_train_loss,
+                "images_per_sec": self.images_per_sec,
             },
+            "world_size": dist.world_size(),
             "distnn_version": __version__,
         }
 
@@ -124,6 +128,8 @@ class Engine:
         self.loss_sum.fill_(meters["loss_sum"])
         self.loss_count, self.skipped = meters["loss_count"], meters["skipped"]
         self.overflows.fill_(meters.get("overflows", 0))
+        self.last_train_loss = meters.get("last_train_loss", math.nan)
+        self.images_per_sec = meters.get("images_per_sec", math.nan)
         checkpoint.restore_rng(state, dist.rank())
 
     def save(self, best: bool = False) -> None:
@@ -142,40 +148,45 @@ class Engine:
         epochs = math.ceil(self.total / self.steps_per_epoch)
         self.start = time.perf_counter()
         while self.pos.step < self.total and self.pos.epoch < epochs:
-            self.train_epoch()
+            finished = self.train_epoch()
             last = self.pos.step >= self.total
             best = False
-            if last or self.pos.epoch % t.eval_every == 0:
-                self.last_val = self.evaluate()
-                elapsed = time.perf_counter() - self.start
-                self.run.log(
-                    {"step": self.pos.step, "epoch": self.pos.epoch, "elapsed_s": elapsed}
-                    | self.last_val
-                )
-                best = self.ckpt.improves(self.last_val)
-            if self.cfg.ckpt.epoch_end or best:
+            if last or (finished and self.pos.epoch % t.eval_every == 0):
+                best = self.validate()
+            if (self.cfg.ckpt.epoch_end and finished) or best:
                 self.save(best=best)
+        if not self.last_val:  # resumed from the last step's checkpoint, before its evaluation
+            self.validate()
         self.save()
         return {
             "train_loss": self.last_train_loss,
             **self.last_val,
             "images_per_sec": self.images_per_sec,
             "steps": self.pos.step,
-            "epochs": self.pos.epoch,
+            "epochs": self.epochs_done(),
             "world_size": dist.world_size(),
             "wall_s": time.perf_counter() - self.start,
         }
 
-    def train_epoch(self) -> None:
+    def epochs_done(self) -> float:
+        """Epochs trained, a fraction where a run stopped (max_steps) mid-epoch."""
+        return round(self.pos.epoch + self.pos.batch / self.loaders.steps_per_epoch, 4)
+
+    def train_epoch(self) -> bool:
+        """Train until the epoch's batches or the run's steps run out; whether the epoch
+        finished. A run stopped mid-epoch keeps its place, so that extending it (a larger
+        train.max_steps) continues the same epoch from the next batch."""
         self.model.train()
         self.loaders.train_order.set_epoch(self.pos.epoch, self.pos.batch)
         self.meter.reset()
         batches = iter(self._batches(self.loaders.train))
+        exhausted = False
         while self.pos.step < self.total:
             waited = time.perf_counter()
             batch = next(batches, None)
             self.meter.add_wait(time.perf_counter() - waited)
             if batch is None:
+                exhausted = True
                 break
             if self.run.wants_images:  # once per run: a grid of the first batch
                 loaders = self.loaders
@@ -187,8 +198,11 @@ class Engine:
             self.forward_backward(*batch, final=final)
             if final:
                 self.optimizer_step()
+        if not exhausted and self.pos.batch < self.loaders.steps_per_epoch:
+            return False
         self.pos.epoch += 1
         self.pos.batch = 0
+        return True
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, final: bool) -> None:
         accum = self.cfg.train.accum_steps
@@ -265,7 +279,7 @@ class Engine:
         self.images_per_sec = rates["images_per_sec"]
         record = {
             "step": self.pos.step,
-            "epoch": round(self.pos.epoch + self.pos.batch / self.loaders.steps_per_epoch, 4),
+            "epoch": self.epochs_done(),
             "loss": loss,
             "lr": self.strategy.lr(),
             "elapsed_s": time.perf_counter() - self.start,  # since this attempt's fit() began
@@ -277,6 +291,16 @@ class Engine:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         self.run.log(record)
+
+    def validate(self) -> bool:
+        """Evaluate, log the record; whether it is the best so far (checkpoints/best)."""
+        self.last_val = self.evaluate()
+        elapsed = time.perf_counter() - self.start
+        self.run.log(
+            {"step": self.pos.step, "epoch": self.epochs_done(), "elapsed_s": elapsed}
+            | self.last_val
+        )
+        return self.ckpt.improves(self.last_val)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
 import shutil
 import sys
@@ -65,8 +66,8 @@ def compile_model(model: torch.nn.Module, device: torch.device, run: monitor.Run
 def train(cfg: Config) -> dict[str, Any]:
     # Everything that can be wrong with the input is checked before a process group forms.
     env = parallel.detect()
-    cfg = config.for_world(cfg, env.world_size)
-    device = dist.device_for(env)
+    cfg = config.for_world(cfg, env.world_size, env.local_world_size)
+    device = dist.use_device(env)
     precision = precision_lib.build(cfg.precision, device)
     configure_kernels(cfg, device)
     loaders = data.build(cfg, env, pin_memory=device.type == "cuda")
@@ -83,6 +84,15 @@ def train(cfg: Config) -> dict[str, Any]:
     if state is not None:
         checkpoint.check_compatible(state, cfg, loaders.classes, ckpt.restored_from, env.world_size)
     start = state["position"]["step"] if state else 0
+    if start >= steps and (cfg.run_dir / "summary.json").is_file():
+        # Finished: nothing is written, so the run directory stays as the run left it.
+        if env.is_main:
+            print(
+                f"nothing to do: {cfg.run_dir} already reached step {start} of {steps} "
+                "(raise train.max_steps or train.epochs to continue it)",
+                flush=True,
+            )
+        return json.loads((cfg.run_dir / "summary.json").read_text())
 
     strategy = parallel.build(cfg, env, device, precision)
 
@@ -91,6 +101,8 @@ def train(cfg: Config) -> dict[str, Any]:
         seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
         run = monitor.Run(cfg, env, steps, start)
         run.message(f"strategy: {strategy.describe()}")
+        if precision.warning:
+            run.message(precision.warning)
         if cfg.model.compile:
             forward = compile_model(forward, device, run)
         preemption = preempt.Watcher(cfg.dist.timeout_s)
@@ -102,6 +114,8 @@ def train(cfg: Config) -> dict[str, Any]:
             if state is not None:
                 engine.load_state_dict(state)
                 run.message(f"resumed at step {start} from {ckpt.restored_from}")
+                for note in checkpoint.resume_notes(state, cfg, env.world_size):
+                    run.message(note)
             summary = engine.fit()
             run.summary(summary)
             top1 = summary.get("val_top1", float("nan"))

@@ -4,6 +4,8 @@ DeepSpeed's CPU accelerator), compared with DDP on the same data and seed."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +19,15 @@ from distnn.parallel import deepspeed_config
 from distnn.parallel.deepspeed import build_ops
 from distnn.predict import main as predict
 from distnn.train import train
-from tests.conftest import FAST, assert_same_params, final_weights, logged_steps, run_cli
+from tests.cluster import free_port
+from tests.conftest import (
+    FAST,
+    ROOT,
+    assert_same_params,
+    final_weights,
+    logged_steps,
+    run_cli,
+)
 from tests.test_distributed import losses, torchrun
 
 pytest.importorskip("deepspeed")
@@ -64,10 +74,98 @@ def test_zero_stage_matches_ddp(root, ddp, tmp_path, stage):
     else:
         args = [f"strategy.zero_stage={stage}"]
     run_dir, r = launch(root, f"zero{stage}", "train.batch_size=8", *ZERO, *args)
-    assert f"strategy: deepspeed ZeRO-{stage}, optimizer SGD, 2 process(es)" in r.stdout
+    assert f"strategy: deepspeed ZeRO-{stage}, optimizer SGD, schedule distnn's" in r.stdout
     assert len(losses(run_dir)) == 10
     assert losses(run_dir) == pytest.approx(losses(ddp), rel=1e-4)
     assert_same_params(final_weights(run_dir), final_weights(ddp), rtol=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_zero2_as_srun_tasks_matches_torchrun(root, ddp):
+    """Two processes started the way srun starts them: SLURM_PROCID/NTASKS/LOCALID and no
+    LOCAL_RANK, RANK or WORLD_SIZE (DeepSpeed asserts LOCAL_RANK itself)."""
+    slurm = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "7",
+             "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    args = ["-m", "distnn.train", f"run.dir={root}", "run.name=srun", *COMMON,
+            "train.batch_size=8", *ZERO]  # fmt: skip
+
+    def task(i: int) -> subprocess.Popen:
+        env = {**base, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+    tasks = [task(0), task(1)]
+    outputs = [t.communicate(timeout=240) for t in tasks]
+    for t, (_, err) in zip(tasks, outputs, strict=True):
+        assert t.returncode == 0, err[-3000:]
+    assert "ZeRO-2, optimizer SGD" in outputs[0][0] and "2 process(es)" in outputs[0][0]
+    assert losses(root / "srun") == pytest.approx(losses(ddp), rel=1e-4)
+    assert_same_params(final_weights(root / "srun"), final_weights(ddp), rtol=1e-4)
+
+
+# AdamW with warmup and cosine: the schedule a ds_config optimizer must follow too.
+SCHEDULE = ["optim.name=adamw", "optim.lr=0.001", "sched.warmup_steps=4", "train.max_steps=12",
+            "train.batch_size=16"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def alone(root) -> Path:
+    """python -m distnn.train alone (no launcher, no LOCAL_RANK) with ZeRO-2."""
+    r = run_cli("-m", "distnn.train", f"run.dir={root}", "run.name=alone", *COMMON, *SCHEDULE,
+                *ZERO, timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "deepspeed ZeRO-2, optimizer AdamW, schedule distnn's sched.*" in r.stdout
+    assert "1 process(es)" in r.stdout
+    return root / "alone"
+
+
+@pytest.mark.timeout(300)
+def test_zero2_one_process_without_a_launcher(alone, make_cfg):
+    """One process of ZeRO-2 trains as the plain process does."""
+    plain = make_cfg("run.name=plain", *COMMON, *SCHEDULE)
+    train(plain)
+    assert logged_steps(alone) == list(range(1, 13))
+    assert losses(alone) == pytest.approx(losses(plain.run_dir), rel=1e-4)
+    assert_same_params(final_weights(alone), final_weights(plain.run_dir), rtol=1e-4)
+
+
+def lrs(run_dir: Path) -> list[float]:
+    return [r["lr"] for r in read_metrics(run_dir) if "lr" in r]
+
+
+@pytest.mark.timeout(300)
+def test_ds_config_optimizer_follows_distnn_schedule(root, alone, tmp_path):
+    """A ds_config "optimizer" section: DeepSpeed builds the optimizer, distnn's warmup and
+    cosine still drive its LR, step for step as without one; a "scheduler" section instead
+    replaces distnn's schedule, and the run log says so."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+        "zero_optimization": {"stage": 2},
+    }))  # fmt: skip
+    r = run_cli("-m", "distnn.train", f"run.dir={root}", "run.name=lr_theirs", *COMMON,
+                *SCHEDULE, *ZERO, f"strategy.ds_config={ds}", timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "optimizer AdamW (ds_config), schedule distnn's sched.*" in r.stdout
+    ours, theirs = lrs(alone), lrs(root / "lr_theirs")
+    assert len(theirs) == 12 and theirs == pytest.approx(ours, rel=1e-9)
+    # Logged after each step: the LR of the next one, warmup 2/4, 3/4, 4/4, then cosine.
+    assert ours[:3] == pytest.approx([0.0005, 0.00075, 0.001])
+    assert ours[-1] < 0.05 * max(ours)
+
+    ds.write_text(json.dumps({
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 2,
+                                                     "warmup_max_lr": 0.002}},
+    }))  # fmt: skip
+    r = run_cli("-m", "distnn.train", f"run.dir={root}", "run.name=lr_ds", *COMMON, *SCHEDULE,
+                *ZERO, f"strategy.ds_config={ds}", timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "schedule WarmupLR (ds_config; sched.* off)" in r.stdout
+    assert lrs(root / "lr_ds")[-1] == pytest.approx(0.002)  # WarmupLR holds: no cosine on top
 
 
 @pytest.mark.timeout(600)
@@ -216,12 +314,40 @@ def test_conflicting_batch_size_is_one_line_before_any_process_group(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("overrides", "user_json", "expected"),
+    [
+        (["strategy.zero_stage=1", "strategy.overlap_comm=true"], None,
+         "strategy.overlap_comm=true needs strategy.zero_stage 2 or 3 (got 1)"),
+        ([], {"bf16": {"enabled": True}, "fp16": {"enabled": True}},
+         "DeepSpeed refuses the config built from strategy.*: bfloat16 and fp16"),
+    ],
+)  # fmt: skip
+def test_deepspeed_refusals_are_one_line_before_any_process_group(
+    tmp_path, overrides, user_json, expected
+):
+    """What DeepSpeed would stop with a bare AssertionError on every rank, after the group."""
+    if user_json is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(user_json))
+        overrides = [*overrides, f"strategy.ds_config={tmp_path / 'ds.json'}"]
+    r = run_cli("-m", "distnn.train", f"run.dir={tmp_path}", *FAST, "strategy.name=deepspeed",
+                *overrides)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert expected in err
+    assert not (tmp_path / "default").exists()
+
+
+@pytest.mark.parametrize(
     ("overrides", "expected"),
     [
         (["strategy.offload_param=cpu"], "needs strategy.zero_stage=3"),
         (["strategy.zero_stage=0", "strategy.offload_optimizer=cpu"], "zero_stage 1, 2 or 3"),
         (["train.nonfinite=skip"], "train.nonfinite=raise"),
         (["strategy.ds_config=/nonexistent.json"], "/nonexistent.json"),
+        (["strategy.zero_stage=1", "strategy.overlap_comm=true"], "overlap_comm=true needs"),
+        (["strategy.zero_stage=0", "strategy.overlap_comm=true"], "overlap_comm=true needs"),
+        (["strategy.zero_stage=3", "log.tensorboard_graph=true"], "tensorboard_graph"),
     ],
 )
 def test_unsupported_combinations_are_refused(make_cfg, overrides, expected):

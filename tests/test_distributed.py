@@ -158,3 +158,21 @@ def test_sync_batchnorm_on_cpu_is_refused_before_training(make_cfg):
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match=r"strategy.sync_batchnorm=true needs GPUs"):
         parallel.build(cfg, env, cpu, precision.build("fp32", cpu))
+
+
+@pytest.mark.timeout(240)
+def test_resume_at_another_world_size_says_so(tmp_path):
+    """A checkpoint of 2 processes resumed by 1: it continues, and says in one line that the
+    run no longer follows the uninterrupted one."""
+    args = [f"run.dir={tmp_path}", "run.name=grown", *COMMON, "train.batch_size=16"]
+    r = torchrun(2, "-m", "distnn.train", *args, "train.max_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("-m", "distnn.train", *args, "train.max_steps=3", "log.progress=lines")
+    assert r.returncode == 0, r.stderr[-3000:]
+    notes = [line for line in r.stdout.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: the checkpoint was written by 2 processes, this run has 1: it continues, but not "
+        "exactly as an uninterrupted run (the global batch changes from 32 to 16); resume on 2 "
+        "processes for that"
+    ]
+    assert json.loads((tmp_path / "grown" / "summary.json").read_text())["steps"] == 3

@@ -143,3 +143,56 @@ def test_compile_and_channels_last_train_the_same_model(make_cfg):
     got = [r["loss"] for r in read_metrics(fast.run_dir) if "loss" in r]
     want = [r["loss"] for r in read_metrics(eager.run_dir) if "loss" in r]
     assert got == pytest.approx(want, rel=1e-4) and len(got) == 3
+
+
+def test_extending_a_max_steps_run_continues_mid_epoch(make_cfg, capsys):
+    """A run to max_steps=7 (mid-epoch: 10 steps/epoch), then the same run dir to 13: steps
+    8-13 continue the epoch and the run ends with the weights of one run to 13; each attempt
+    leaves a complete summary; a third attempt with nothing left changes nothing."""
+    common = ["train.batch_size=64", "data.synthetic_train=640", "train.log_every=1",
+              "sched.name=constant", "sched.warmup_steps=3"]  # fmt: skip
+    whole = make_cfg("run.name=whole", *common, "train.max_steps=13")
+    train(whole)
+    short = make_cfg("run.name=grown", *common, "train.max_steps=7")
+    first = train(short)
+    assert first.keys() >= SUMMARY_FIELDS and first["epochs"] == 0.7
+    assert checkpoint.load_file(short.run_dir)["position"] == {"step": 7, "epoch": 0, "batch": 7}
+
+    grown = make_cfg("run.name=grown", *common, "train.max_steps=13")
+    summary = train(grown)
+    assert summary["steps"] == 13 and summary["epochs"] == 1.3
+    saved = json.loads((grown.run_dir / "summary.json").read_text())
+    assert all(saved[k] is not None for k in SUMMARY_FIELDS), saved
+    losses = {r["step"]: r["loss"] for r in read_metrics(grown.run_dir) if "loss" in r}
+    reference = {r["step"]: r["loss"] for r in read_metrics(whole.run_dir) if "loss" in r}
+    assert sorted(losses) == list(range(1, 14))
+    assert losses == pytest.approx(reference, rel=1e-6)
+    a = checkpoint.model_state(checkpoint.load_file(grown.run_dir))
+    b = checkpoint.model_state(checkpoint.load_file(whole.run_dir))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+    # Nothing left to do: one line, and the run directory as it was.
+    files = {p: p.read_bytes() for p in grown.run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    again = train(make_cfg("run.name=grown", *common, "train.max_steps=13"))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("nothing to do:") and "step 13 of 13" in out[0]
+    assert again == saved
+    assert {p: p.read_bytes() for p in grown.run_dir.rglob("*") if p.is_file()} == files
+
+
+def test_extending_a_cosine_run_follows_the_longer_schedule_from_there(make_cfg):
+    """With a decaying schedule the extension's LR at steps 8-13 is the 13-step run's: the
+    schedule is a function of the run's total steps, applied from the resume step on."""
+    common = ["train.batch_size=64", "data.synthetic_train=640", "train.log_every=1",
+              "sched.warmup_steps=2"]  # fmt: skip
+    whole = make_cfg("run.name=whole", *common, "train.max_steps=13")
+    train(whole)
+    train(make_cfg("run.name=grown", *common, "train.max_steps=7"))
+    grown = make_cfg("run.name=grown", *common, "train.max_steps=13")
+    train(grown)
+    lr = {r["step"]: r["lr"] for r in read_metrics(grown.run_dir) if "lr" in r}
+    reference = {r["step"]: r["lr"] for r in read_metrics(whole.run_dir) if "lr" in r}
+    assert [lr[s] for s in range(8, 14)] == pytest.approx([reference[s] for s in range(8, 14)])
+    assert lr[7] != pytest.approx(reference[7])  # the first attempt decayed over 7 steps

@@ -33,8 +33,9 @@ class DevicePrefetcher:
     def _convert(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        x = (x.float() - self.mean) * self.inv_std
-        return x.contiguous(memory_format=self.memory_format), y
+        # The layout changes on uint8, a quarter of float32's bytes; the float ops keep it.
+        x = x.contiguous(memory_format=self.memory_format)
+        return (x.float() - self.mean) * self.inv_std, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.stream is None:
@@ -45,6 +46,8 @@ class DevicePrefetcher:
 
     def _cuda_iter(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         main = torch.cuda.current_stream(self.device)
+        # mean and 1/std were made on the main stream: the side stream reads them only after.
+        self.stream.wait_stream(main)
         pending = None
         for x, y in self.loader:
             with torch.cuda.stream(self.stream):

@@ -43,8 +43,11 @@ class TensorBoardSink:
         if self.graph:
             was_training = model.training
             model.eval()  # tracing runs forward once: no BatchNorm statistics update
+            # In the parameters' dtype: DeepSpeed's bf16/fp16 modes keep the module in half
+            # precision, and the trace runs outside autocast.
+            dtype = next(model.parameters()).dtype
             try:
-                self.writer.add_graph(model, x[:1])
+                self.writer.add_graph(model, x[:1].to(dtype))
             finally:
                 model.train(was_training)
 

@@ -28,7 +28,9 @@ from torch import nn
 from distnn.config import Config
 from distnn.errors import UserError
 from distnn.parallel import deepspeed_config
+from distnn.parallel.dist import barrier
 from distnn.parallel.env import Env
+from distnn.parallel.env import export as export_env
 from distnn.precision import Precision
 
 TAG = "deepspeed"  # the subdirectory of a checkpoint directory that holds DeepSpeed's files
@@ -110,6 +112,38 @@ def _check(cfg: Config) -> None:
         )
     if cfg.strategy.sync_batchnorm:
         raise UserError("strategy.sync_batchnorm is a ddp option; set it to false with deepspeed")
+    if cfg.log.tensorboard_graph and cfg.strategy.zero_stage == 3:
+        # The trace is a forward on rank 0 alone; under ZeRO-3 it gathers parameters in
+        # collectives no other rank joins.
+        raise UserError(
+            "log.tensorboard_graph=true is not available with strategy.zero_stage=3; "
+            "set it to false or use zero_stage 0-2"
+        )
+
+
+def _check_engine_config(ds_config: dict[str, Any], world_size: int) -> None:
+    """DeepSpeed's own checks of the merged config, run here, before any process group forms,
+    so that a combination it refuses is one line rather than its bare AssertionError from every
+    rank. Its config object reads the world size from a process group; without one it assumes
+    1, so it checks the per-process share of the batch."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("overlap_comm") and zero.get("stage", 0) < 2:
+        # The engine's own check, made only in deepspeed.initialize: distnn owns the
+        # accumulation boundary, and DeepSpeed overlaps that way only while it partitions
+        # gradients.
+        raise UserError(
+            f"strategy.overlap_comm=true needs strategy.zero_stage 2 or 3 (got "
+            f"{zero.get('stage', 0)}): set strategy.overlap_comm=false or raise the stage"
+        )
+    local = dict(ds_config, train_batch_size=ds_config["train_batch_size"] // world_size)
+    try:
+        with _quiet():
+            DeepSpeedConfig(local)
+    except (AssertionError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"DeepSpeed refuses the config built from strategy.*: {why}") from None
 
 
 class DeepSpeed:
@@ -118,9 +152,11 @@ class DeepSpeed:
         self.deepspeed = require_deepspeed()
         # Built (and checked) before any process group forms.
         self.ds_config = deepspeed_config.build(cfg, env.world_size)
+        _check_engine_config(self.ds_config, env.world_size)
         self.cfg, self.env, self.precision, self.device = cfg, env, precision, device
         self.engine: Any = None
         self.optimizer_name = ""
+        self.schedule = "distnn's sched.*"
         self.norm = torch.full((), math.nan, device=device)
 
     def describe(self) -> str:
@@ -129,7 +165,8 @@ class DeepSpeed:
         return (
             f"deepspeed ZeRO-{zero['stage']}"
             + (f" ({', '.join(offload)} to cpu)" if offload else "")
-            + f", optimizer {self.optimizer_name}, {self.env.world_size} process(es)"
+            + f", optimizer {self.optimizer_name}, schedule {self.schedule}, "
+            f"{self.env.world_size} process(es)"
         )
 
     # --- setup ----------------------------------------------------------------------------
@@ -146,27 +183,40 @@ class DeepSpeed:
                 world_size=1,
                 timeout=datetime.timedelta(seconds=self.cfg.dist.timeout_s),
             )
+        # DeepSpeed reads its rank and binds its device from torchrun's variables, which a
+        # lone process or an srun task lacks.
+        local = self.device.index if self.device.type == "cuda" else self.env.local_rank
+        export_env(self.env, local)
         # DeepSpeed's ZeRO calls collectives torch 2.14 renamed: a warning per call.
         renamed = r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated"
         warnings.filterwarnings("ignore", renamed, FutureWarning)
         if "optimizer" in self.ds_config:  # the user's JSON names DeepSpeed's own optimizer
-            optimizer, scheduler = None, None if "scheduler" in self.ds_config else scheduler
+            optimizer = None
             self.optimizer_name = f"{self.ds_config['optimizer'].get('type')} (ds_config)"
         else:
-            optimizer, scheduler = self._optimizer(optimizer, scheduler)
+            optimizer = self._optimizer(optimizer)
         with _quiet():
             self.engine, *_ = self.deepspeed.initialize(
                 model=model,
                 optimizer=optimizer,
-                lr_scheduler=scheduler,
+                lr_scheduler=self._schedule(scheduler),
                 config=self.ds_config,
                 dist_init_required=False,
             )
         return self.engine
 
-    def _optimizer(
-        self, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> tuple[torch.optim.Optimizer, Any]:
+    def _schedule(self, scheduler: Any) -> Any:
+        """The LR schedule for whichever optimizer DeepSpeed ends up stepping: distnn's, as a
+        factory DeepSpeed applies to that optimizer (the scheduler distnn built is bound to the
+        torch optimizer, which a ds_config optimizer or a fused AdamW replaces), or, where the
+        user's JSON has a "scheduler" section, none: then DeepSpeed's alone drives the LR."""
+        if "scheduler" in self.ds_config:
+            self.schedule = f"{self.ds_config['scheduler'].get('type')} (ds_config; sched.* off)"
+            return None
+        factor = scheduler.lr_lambdas[0]  # optim.build_scheduler: one factor for every group
+        return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def _optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """distnn's optimizer, or DeepSpeed's fused version of the same AdamW where it has
         one: DeepSpeedCPUAdam when the optimizer is offloaded, FusedAdam on CUDA."""
         offload = self.cfg.strategy.offload_optimizer != "none"
@@ -174,7 +224,7 @@ class DeepSpeed:
             offload or self.device.type == "cuda"
         ):
             self.optimizer_name = type(optimizer).__name__
-            return optimizer, scheduler
+            return optimizer
         d = optimizer.defaults
         # Each group keeps its weight decay; "initial_lr" is the peak LR the schedule scales.
         groups = [
@@ -190,7 +240,7 @@ class DeepSpeed:
 
             fused = FusedAdam(groups, betas=d["betas"], eps=d["eps"], adam_w_mode=True)
         self.optimizer_name = type(fused).__name__
-        return fused, torch.optim.lr_scheduler.LambdaLR(fused, scheduler.lr_lambdas)
+        return fused
 
     # --- the step -------------------------------------------------------------------------
 
@@ -238,9 +288,17 @@ class DeepSpeed:
     # --- checkpoints ----------------------------------------------------------------------
 
     def save_shards(self, directory: Path) -> None:
-        """Every rank writes its shard of the model and optimizer under directory/TAG."""
-        with _quiet():
-            self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        """Every rank writes its shard of the model and optimizer under directory/TAG. A rank
+        whose write fails (a full disk) raises only once the others are done, so that the
+        checkpoint manager can tell them all."""
+        try:
+            with _quiet():
+                self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        except (OSError, RuntimeError):
+            # The barrier that ends save_checkpoint, after every write: the ranks whose
+            # writes went through wait in it.
+            barrier()
+            raise
 
     def state_dict(self) -> dict[str, Any]:
         # The model, optimizer, scheduler and loss scale are in the shards.

@@ -11,13 +11,34 @@ import torch
 import torch.distributed as td
 
 from distnn.config import DistConfig
+from distnn.errors import UserError
 from distnn.parallel.env import Env
 
 
 def device_for(env: Env) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    """This rank's device: GPU `local_rank` of the node's visible GPUs, or the one GPU a
+    launcher that binds a GPU per task (srun --gpus-per-task) left visible; else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count > 1 and env.local_rank >= count:
+        # Two ranks on one GPU: NCCL refuses them later with a cryptic duplicate-GPU error.
+        raise UserError(
+            f"local rank {env.local_rank} of {env.local_world_size} processes on this node has "
+            f"no GPU of its own: {count} GPUs are visible; start at most {count} processes per "
+            "node (torchrun --nproc_per_node, srun --ntasks-per-node)"
+        )
+    return torch.device("cuda", env.local_rank % count)
+
+
+def use_device(env: Env) -> torch.device:
+    """device_for, made the current CUDA device at once: anything allocated before the model
+    moves (NCCL's communicator, cuDNN handles, the CUDA context itself) lands on this rank's
+    GPU, not on GPU 0."""
+    device = device_for(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def backend_for(device: torch.device, cfg: DistConfig) -> str:
@@ -28,10 +49,7 @@ def backend_for(device: torch.device, cfg: DistConfig) -> str:
 
 def init(env: Env, cfg: DistConfig) -> torch.device:
     """Pick this rank's device and, above one process, join the process group."""
-    device = device_for(env)
-    if device.type == "cuda":
-        # Before init: NCCL binds its communicator to the current device.
-        torch.cuda.set_device(device)
+    device = use_device(env)  # before init: NCCL binds its communicator to the current device
     if env.distributed and not td.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         td.init_process_group(

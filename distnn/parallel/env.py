@@ -104,3 +104,18 @@ def detect(environ: Mapping[str, str] | None = None) -> Env:
             launcher="slurm",
         )
     return Env()
+
+
+def export(env: Env, device_index: int) -> None:
+    """Set torchrun's variables from `env` for a library that reads them itself, whatever
+    launcher started this process. DeepSpeed asserts LOCAL_RANK (absent for a lone process
+    and for srun tasks) and binds the GPU LOCAL_RANK names, so LOCAL_RANK is this rank's
+    device index (where a launcher leaves one GPU per task visible, 0, not the local rank)."""
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(device_index),
+        LOCAL_WORLD_SIZE=str(env.local_world_size),
+        MASTER_ADDR=os.environ.get("MASTER_ADDR", env.master_addr),
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(env.master_port)),
+    )
