@@ -39,6 +39,16 @@ def num_classes(cfg: Config, classes: list[str]) -> int:
     return len(classes)
 
 
+def finished(cfg: Config, step: int) -> dict[str, Any] | None:
+    """The summary of a run that ended at `step`; None where the attempt that reached it
+    stopped before writing one (it evaluates and writes it when resumed)."""
+    try:
+        summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("steps") == step else None
+
+
 def configure_kernels(cfg: Config, device: torch.device) -> None:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -84,15 +94,15 @@ def train(cfg: Config) -> dict[str, Any]:
     if state is not None:
         checkpoint.check_compatible(state, cfg, loaders.classes, ckpt.restored_from, env.world_size)
     start = state["position"]["step"] if state else 0
-    if start >= steps and (cfg.run_dir / "summary.json").is_file():
-        # Finished: nothing is written, so the run directory stays as the run left it.
+    done = finished(cfg, start) if start >= steps else None
+    if done is not None:  # nothing is written: the run directory stays as the run left it
         if env.is_main:
             print(
                 f"nothing to do: {cfg.run_dir} already reached step {start} of {steps} "
                 "(raise train.max_steps or train.epochs to continue it)",
                 flush=True,
             )
-        return json.loads((cfg.run_dir / "summary.json").read_text())
+        return done
 
     strategy = parallel.build(cfg, env, device, precision)
 

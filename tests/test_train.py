@@ -181,6 +181,13 @@ def test_extending_a_max_steps_run_continues_mid_epoch(make_cfg, capsys):
     assert again == saved
     assert {p: p.read_bytes() for p in grown.run_dir.rglob("*") if p.is_file()} == files
 
+    # An attempt that reached the last step but died before its summary: the next one only
+    # evaluates, and its summary still holds every value (loss and img/s from the checkpoint).
+    (grown.run_dir / "summary.json").unlink()
+    redone = train(make_cfg("run.name=grown", *common, "train.max_steps=13"))
+    for key in ("train_loss", "val_loss", "val_top1", "images_per_sec", "steps"):
+        assert redone[key] == pytest.approx(saved[key]), key
+
 
 def test_extending_a_cosine_run_follows_the_longer_schedule_from_there(make_cfg):
     """With a decaying schedule the extension's LR at steps 8-13 is the 13-step run's: the
