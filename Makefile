@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench lint format clean readme
+.PHONY: setup demo test bench lint format clean readme gpu-check
 
 setup: $(STAMP)
 
@@ -32,6 +32,15 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(if $(filter quick,$(BENCH)),--quick)
+
+# The CUDA tests and GPU benchmark rows (benchmarks/gpu_check.py); without a GPU, one line and
+# exit 0. Not after `setup`: a lent GPU machine has its own torch and no registry to install
+# one from, so this runs on the venv's Python where there is one, else on python3. Wheels in
+# .whl/ (scripts/gpu_wheels.sh) are installed for the check.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu-check:
+	@$(GPU_PY) -m benchmarks.gpu_check
 
 lint: setup
 	$(BIN)/ruff check .

@@ -63,7 +63,11 @@ def machine() -> dict:
         cpu = names[0].split(":", 1)[1].strip() if names else cpu
     import PIL
     import torchvision
-    import webdataset
+
+    try:
+        import webdataset
+    except ImportError:  # the GPU check also runs on a Python that has torch and little else
+        webdataset = None
 
     return {
         "cpu": cpu,
@@ -73,7 +77,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "webdataset": webdataset.__version__,
+        "webdataset": webdataset.__version__ if webdataset else None,
         "pillow": PIL.__version__,
         "git_commit": _git_commit(),
         "load_avg_start": os.getloadavg(),

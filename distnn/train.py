@@ -106,7 +106,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     strategy = parallel.build(cfg, env, device, precision)
 
-    with dist.process_group(env, cfg.dist):
+    with dist.process_group(env, cfg.dist, alone=strategy.collective):
         forward = strategy.setup(model, optimizer, scheduler)
         seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
         run = monitor.Run(cfg, env, steps, start)

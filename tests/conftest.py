@@ -74,8 +74,10 @@ def two_host_cluster(tmp_path_factory):
 
 
 def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None, env: dict | None = None):
-    """Run `python -m ...` in a fresh process (exit codes and stderr as a user sees them)."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    """Run `python -m ...` in a fresh process (exit codes and stderr as a user sees them). The
+    repo goes first on PYTHONPATH, which keeps what it held (make gpu-check's carried wheels)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run(
         [sys.executable, *args],
         capture_output=True,

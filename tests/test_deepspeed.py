@@ -348,6 +348,7 @@ def test_deepspeed_refusals_are_one_line_before_any_process_group(
         (["strategy.zero_stage=1", "strategy.overlap_comm=true"], "overlap_comm=true needs"),
         (["strategy.zero_stage=0", "strategy.overlap_comm=true"], "overlap_comm=true needs"),
         (["strategy.zero_stage=3", "log.tensorboard_graph=true"], "tensorboard_graph"),
+        (["model.channels_last=true"], "model.channels_last=true is not available"),
     ],
 )
 def test_unsupported_combinations_are_refused(make_cfg, overrides, expected):

@@ -55,6 +55,17 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, reference):
     assert sum(line.startswith("step ") for line in r.stdout.splitlines()) == 7  # 6 + eval
 
 
+@pytest.mark.timeout(240)
+def test_ddp_on_one_process_forms_a_group_of_one(tmp_path, reference):
+    """torchrun --nproc_per_node=1 with strategy.name=ddp (one GPU's DDP): a process group of
+    one, and the single process's weights."""
+    r = torchrun(1, "-m", "distnn.train", f"run.dir={tmp_path}", "run.name=one_ddp", *COMMON,
+                 "train.batch_size=32", "strategy.name=ddp", "log.progress=lines")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "strategy: ddp over gloo, 1 processes" in r.stdout
+    assert_same_params(final_weights(tmp_path / "one_ddp"), final_weights(reference))
+
+
 def test_accumulation_equals_one_big_step_single_rank(make_cfg, reference):
     cfg = make_cfg("run.name=accum", *COMMON, "train.batch_size=16", "train.accum_steps=2")
     summary = train(cfg)

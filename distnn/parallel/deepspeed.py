@@ -11,7 +11,6 @@ rank, inside distnn's checkpoint directory (checkpoint.Manager makes that atomic
 from __future__ import annotations
 
 import contextlib
-import datetime
 import io
 import logging
 import math
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as td
 from torch import nn
 
 from distnn.config import Config
@@ -106,10 +104,13 @@ def _check(cfg: Config) -> None:
             "train.nonfinite=skip is not available with strategy.name=deepspeed (the engine "
             "measures the gradient norm inside its own step); use train.nonfinite=raise"
         )
-    if cfg.model.compile:
-        raise UserError(
-            "model.compile=true is not available with strategy.name=deepspeed; set it to false"
-        )
+    for key in ("compile", "channels_last"):
+        # channels_last: DeepSpeed views each parameter's bytes (its broadcast and flat
+        # buffers), which needs the last stride to be 1.
+        if getattr(cfg.model, key):
+            raise UserError(
+                f"model.{key}=true is not available with strategy.name=deepspeed; set it to false"
+            )
     if cfg.strategy.sync_batchnorm:
         raise UserError("strategy.sync_batchnorm is a ddp option; set it to false with deepspeed")
     if cfg.log.tensorboard_graph and cfg.strategy.zero_stage == 3:
@@ -147,6 +148,7 @@ def _check_engine_config(ds_config: dict[str, Any], world_size: int) -> None:
 
 
 class DeepSpeed:
+    collective = True
     def __init__(self, cfg: Config, env: Env, precision: Precision, device: torch.device) -> None:
         _check(cfg)
         self.deepspeed = require_deepspeed()
@@ -174,15 +176,6 @@ class DeepSpeed:
     def setup(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> nn.Module:
-        if not td.is_initialized():
-            # A lone process (python -m distnn.train) still needs a group for the engine.
-            td.init_process_group(
-                "nccl" if self.device.type == "cuda" else "gloo",
-                store=td.HashStore(),
-                rank=0,
-                world_size=1,
-                timeout=datetime.timedelta(seconds=self.cfg.dist.timeout_s),
-            )
         # DeepSpeed reads its rank and binds its device from torchrun's variables, which a
         # lone process or an srun task lacks.
         local = self.device.index if self.device.type == "cuda" else self.env.local_rank

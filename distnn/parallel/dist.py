@@ -47,14 +47,16 @@ def backend_for(device: torch.device, cfg: DistConfig) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init(env: Env, cfg: DistConfig) -> torch.device:
-    """Pick this rank's device and, above one process, join the process group."""
+def init(env: Env, cfg: DistConfig, alone: bool = False) -> torch.device:
+    """Pick this rank's device and, above one process (or `alone`, for a strategy that runs
+    collectives), join the process group."""
     device = use_device(env)  # before init: NCCL binds its communicator to the current device
-    if env.distributed and not td.is_initialized():
+    if (env.distributed or alone) and not td.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         td.init_process_group(
             backend=backend_for(device, cfg),
-            store=_store(env, timeout),
+            # A group of one needs no rendezvous (nor a port that another run may hold).
+            store=_store(env, timeout) if env.distributed else td.HashStore(),
             rank=env.rank,
             world_size=env.world_size,
             timeout=timeout,
@@ -81,11 +83,11 @@ def teardown() -> None:
 
 
 @contextlib.contextmanager
-def process_group(env: Env, cfg: DistConfig) -> Iterator[torch.device]:
+def process_group(env: Env, cfg: DistConfig, alone: bool = False) -> Iterator[torch.device]:
     """init on entry, destroy on every exit path: a rank that raises must not leave peers
     waiting on a group that never closes."""
     try:
-        yield init(env, cfg)
+        yield init(env, cfg, alone)
     finally:
         teardown()
 

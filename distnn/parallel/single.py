@@ -13,6 +13,7 @@ from distnn.precision import Precision
 
 class SingleProcess:
     save_shards = None  # every rank holds the whole state: state_dict() has it all
+    collective = False
 
     def __init__(self, precision: Precision) -> None:
         self.precision = precision

@@ -17,6 +17,9 @@ class Strategy(Protocol):
     # Where a strategy's state is split across ranks (ZeRO), a collective that writes every
     # rank's part into a checkpoint directory; None where state_dict() holds everything.
     save_shards: Callable[[Path], None] | None
+    # Whether the strategy runs collectives (DDP, DeepSpeed): a lone process then still gets a
+    # process group, of one.
+    collective: bool
 
     def describe(self) -> str:
         """One line for the run log: the strategy and its main settings."""
