@@ -125,8 +125,9 @@ def _check(cfg: Config) -> None:
 def _check_engine_config(ds_config: dict[str, Any], world_size: int) -> None:
     """DeepSpeed's own checks of the merged config, run here, before any process group forms,
     so that a combination it refuses is one line rather than its bare AssertionError from every
-    rank. Its config object reads the world size from a process group; without one it assumes
-    1, so it checks the per-process share of the batch."""
+    rank. Its config object reads the world size from DeepSpeed's process group and, before
+    one exists, assumes 1: the batch it checks is scaled to the world it sees."""
+    from deepspeed import comm
     from deepspeed.runtime.config import DeepSpeedConfig
 
     zero = ds_config.get("zero_optimization", {})
@@ -138,7 +139,11 @@ def _check_engine_config(ds_config: dict[str, Any], world_size: int) -> None:
             f"strategy.overlap_comm=true needs strategy.zero_stage 2 or 3 (got "
             f"{zero.get('stage', 0)}): set strategy.overlap_comm=false or raise the stage"
         )
-    local = dict(ds_config, train_batch_size=ds_config["train_batch_size"] // world_size)
+    try:  # as DeepSpeedConfig asks
+        seen = comm.get_world_size()
+    except (RuntimeError, AssertionError, AttributeError):
+        seen = 1
+    local = dict(ds_config, train_batch_size=ds_config["train_batch_size"] // world_size * seen)
     try:
         with _quiet():
             DeepSpeedConfig(local)
