@@ -28,8 +28,8 @@ import torch
 import torch.distributed as td
 
 from distnn import fsio
-from distnn.config import CkptConfig, Config
-from distnn.errors import UserError, cli
+from distnn.config import CkptConfig, Config, global_batch
+from distnn.errors import UserError, cli, reason
 from distnn.parallel.dist import barrier
 
 _NAME = re.compile(r"^step_(\d{8})(\.pt)?$")
@@ -191,6 +191,8 @@ class Manager:
             error = None
         except UserError as e:
             error = str(e)
+        except Exception as e:  # a write that failed some other way still ends every rank
+            error = f"cannot write {path}: {reason(e)}"
         error = next((e for e in _gather(error) if e is not None), None)
         if error is not None:
             if self.writes:
@@ -238,6 +240,7 @@ class Manager:
                 continue
             self.restored_from = path
             self.best_value = state.get("best_value")
+            self.last_saved_step = state["position"]["step"]  # saving it again changes nothing
             return state
         return None
 
@@ -277,8 +280,9 @@ def resume_notes(state: dict[str, Any], cfg: Config, world_size: int) -> list[st
     then = state.get("world_size", len(state["rng"]))  # older checkpoints: one RNG per rank
     notes = []
     if then != world_size:
-        before = state["config"]["train"]["batch_size"] * then
-        after = cfg.train.batch_size * world_size
+        saved = state["config"]["train"]
+        before = saved["batch_size"] * saved["accum_steps"] * then
+        after = global_batch(cfg, world_size)
         detail = (
             f"the global batch changes from {before} to {after}"
             if before != after

@@ -412,9 +412,12 @@ def validate(cfg: Config) -> Config:
 
 def default_workers(local_world_size: int) -> int:
     """Loader workers per rank that the node's CPUs can feed: more only contend for them (torch
-    warns at every epoch past the CPU count)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cpus or 1) // local_world_size))
+    warns at every epoch past the CPU count). A process bound to fewer CPUs than the node has
+    (srun --cpus-per-task) already sees its own share."""
+    node = os.cpu_count() or 1
+    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else node
+    share = mine if mine < node else node // local_world_size
+    return max(1, min(8, share))
 
 
 def for_world(cfg: Config, world_size: int, local_world_size: int = 1) -> Config:

@@ -155,8 +155,8 @@ class Engine:
                 best = self.validate()
             if (self.cfg.ckpt.epoch_end and finished) or best:
                 self.save(best=best)
-        if not self.last_val:  # resumed from the last step's checkpoint, before its evaluation
-            self.validate()
+        if not self.last_val and self.validate():  # resumed at the last step, before its eval
+            self.save(best=True)
         self.save()
         return {
             "train_loss": self.last_train_loss,

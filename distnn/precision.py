@@ -53,9 +53,10 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
         text = Path(cpuinfo).read_text()
     except OSError:
         return True
+    # x86 lists "flags", Arm "Features" (bf16 on Graviton3, Grace).
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])  # fmt: skip
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+                  if line.startswith(("flags", "Features"))), [])  # fmt: skip
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
 def build(name: str, device: torch.device) -> Precision:

@@ -107,17 +107,17 @@ def train(cfg: Config) -> dict[str, Any]:
     strategy = parallel.build(cfg, env, device, precision)
 
     with dist.process_group(env, cfg.dist, alone=strategy.collective):
-        forward = strategy.setup(model, optimizer, scheduler)
-        seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
-        run = monitor.Run(cfg, env, steps, start)
-        run.message(f"strategy: {strategy.describe()}")
-        if precision.warning:
-            run.message(precision.warning)
-        if cfg.model.compile:
-            forward = compile_model(forward, device, run)
-        preemption = preempt.Watcher(cfg.dist.timeout_s)
-        engine = None
+        forward = run = preemption = engine = None
         try:
+            forward = strategy.setup(model, optimizer, scheduler)
+            seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
+            run = monitor.Run(cfg, env, steps, start)
+            run.message(f"strategy: {strategy.describe()}")
+            if precision.warning:
+                run.message(precision.warning)
+            if cfg.model.compile:
+                forward = compile_model(forward, device, run)
+            preemption = preempt.Watcher(cfg.dist.timeout_s)
             engine = Engine(
                 cfg, strategy, forward, loaders, precision, device, run, ckpt, preemption
             )
@@ -136,13 +136,17 @@ def train(cfg: Config) -> dict[str, Any]:
                 preempt.requeue()
             raise
         finally:
-            preemption.close()
-            run.close()
-            # Nothing may hold the process group's work when the group goes (DeepSpeed's
-            # engine, collected at interpreter exit, sometimes aborts the process there).
-            del engine, forward, model, optimizer, scheduler
-            strategy.close()
-            gc.collect()
+            try:  # closing the run writes too, and a full disk fails it: the strategy still goes
+                if preemption is not None:
+                    preemption.close()
+                if run is not None:
+                    run.close()
+            finally:
+                # Nothing may hold the process group's work when the group goes (DeepSpeed's
+                # engine, collected at interpreter exit, sometimes aborts the process there).
+                del engine, forward, model, optimizer, scheduler
+                strategy.close()
+                gc.collect()
     return summary
 
 

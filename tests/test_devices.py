@@ -29,13 +29,15 @@ def fake_cuda(monkeypatch, count: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("count", "local_rank", "expected"),
-    [(4, 3, 3), (8, 0, 0), (1, 3, 0)],  # (1, 3): srun --gpus-per-task leaves one GPU visible
-)
-def test_each_rank_takes_its_own_gpu(monkeypatch, count, local_rank, expected):
+    ("count", "local_rank", "launcher", "expected"),
+    [(4, 3, "torchrun", 3), (8, 0, "torchrun", 0),
+     (1, 3, "slurm", 0),  # srun --gpus-per-task=1: each task sees its own GPU
+     (2, 3, "slurm", 1)],  # srun --gpus-per-task=2: the task's second GPU
+)  # fmt: skip
+def test_each_rank_takes_its_own_gpu(monkeypatch, count, local_rank, launcher, expected):
     fake_cuda(monkeypatch, count)
-    device = dist.device_for(Env(local_rank=local_rank, local_world_size=8, world_size=8))
-    assert device == torch.device("cuda", expected)
+    env = Env(local_rank=local_rank, local_world_size=8, world_size=8, launcher=launcher)
+    assert dist.device_for(env) == torch.device("cuda", expected)
 
 
 def test_more_ranks_than_gpus_is_refused(monkeypatch):
@@ -122,15 +124,19 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_in_one_line(make_cfg, capsys):
 
 
 def test_loader_workers_default_to_the_cpus_per_local_rank(monkeypatch, make_cfg):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert [config.default_workers(n) for n in (1, 2, 3, 8, 32)] == [8, 8, 5, 2, 1]
+    # Bound to 4 of the node's CPUs (srun --cpus-per-task=4): those are this rank's share.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert [config.default_workers(n) for n in (1, 4, 8)] == [4, 4, 4]
     cfg = config.load(None, ["data.synthetic_train=64"])
     assert cfg.data.workers is None
     resolved = config.for_world(cfg, world_size=4, local_world_size=4)
     assert resolved.data.workers == 4
     assert config.for_world(config.load(None, ["data.workers=0"]), 4, 4).data.workers == 0
     # The run saves the resolved number: a resume reads the workers the run had.
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one CPU of 16
     run = make_cfg("data.workers=null", "train.max_steps=1", "data.synthetic_train=256")
     train(run)
     assert yaml.safe_load((run.run_dir / "config.yaml").read_text())["data"]["workers"] == 1

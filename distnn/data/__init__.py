@@ -9,10 +9,10 @@ from torch.utils.data import DataLoader
 
 from distnn.config import Config, for_world
 from distnn.data import pipeline, sources
-from distnn.data.errors import Batch, DataErrors, PolicyLoader, reason
+from distnn.data.errors import Batch, DataErrors, PolicyLoader
 from distnn.data.order import EvalBatches, Key, ShardOrder, TrainBatches
 from distnn.data.transforms import EvalTransform, TrainTransform
-from distnn.errors import UserError
+from distnn.errors import UserError, reason
 from distnn.parallel.env import Env
 
 

@@ -20,15 +20,8 @@ log = logging.getLogger("distnn.data")
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
-class SampleError(Exception):
+class SampleError(UserError):
     """A sample that cannot be read or decoded (what `data.on_error` decides about)."""
-
-
-def reason(e: Exception) -> str:
-    """Why a sample failed, in one line: our own errors' words, else the exception's type and
-    the first line of its message (PIL's can span lines)."""
-    text = str(e) if isinstance(e, SampleError | UserError) else f"{type(e).__name__}: {e}"
-    return (text.splitlines() or [""])[0]
 
 
 @dataclass

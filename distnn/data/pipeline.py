@@ -22,10 +22,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from distnn.data import manifest as mf
-from distnn.data.errors import Batch, DataErrors, SampleError, reason
+from distnn.data.errors import Batch, DataErrors, SampleError
 from distnn.data.order import ShardOrder, Spec
 from distnn.data.transforms import SMALL, EvalTransform, TrainTransform
-from distnn.errors import UserError
+from distnn.errors import UserError, reason
 
 if TYPE_CHECKING:
     from distnn.config import Config

@@ -14,8 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from distnn.config import DataConfig
-from distnn.data.errors import reason
-from distnn.errors import UserError
+from distnn.errors import UserError, reason
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")
 

@@ -26,6 +26,7 @@ _SYNC_BUFFERS = (
 
 class DDP(SingleProcess):
     collective = True  # torchrun --nproc_per_node=1 strategy.name=ddp: a group of one
+
     def __init__(self, precision: Precision, cfg: StrategyConfig, device: torch.device) -> None:
         super().__init__(precision)
         if cfg.sync_batchnorm and device.type == "cpu":

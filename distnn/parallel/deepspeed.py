@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from distnn.config import Config
-from distnn.errors import UserError
+from distnn.errors import UserError, reason
 from distnn.parallel import deepspeed_config
 from distnn.parallel.dist import barrier
 from distnn.parallel.env import Env
@@ -67,11 +67,12 @@ def require_deepspeed() -> Any:
 
 
 # The JIT ops distnn's DeepSpeed strategy loads, per accelerator: on CUDA FusedAdam for
-# AdamW and CPU Adam for an offloaded optimizer; on CPU CPU Adam and the shared-memory
-# all-reduce of DeepSpeed's CPU communication backend.
+# AdamW and CPU Adam for an offloaded optimizer; on CPU CPU Adam, the shared-memory
+# all-reduce of DeepSpeed's CPU communication backend, and FusedAdam, what DeepSpeed builds
+# for a ds_config "optimizer" of type Adam or AdamW.
 OPS = {
     "cuda": ("FusedAdamBuilder", "CPUAdamBuilder"),
-    "cpu": ("CPUAdamBuilder", "ShareMemCommBuilder"),
+    "cpu": ("CPUAdamBuilder", "ShareMemCommBuilder", "FusedAdamBuilder"),
 }
 
 
@@ -104,13 +105,10 @@ def _check(cfg: Config) -> None:
             "train.nonfinite=skip is not available with strategy.name=deepspeed (the engine "
             "measures the gradient norm inside its own step); use train.nonfinite=raise"
         )
-    for key in ("compile", "channels_last"):
-        # channels_last: DeepSpeed views each parameter's bytes (its broadcast and flat
-        # buffers), which needs the last stride to be 1.
-        if getattr(cfg.model, key):
-            raise UserError(
-                f"model.{key}=true is not available with strategy.name=deepspeed; set it to false"
-            )
+    if cfg.model.compile:
+        raise UserError(
+            "model.compile=true is not available with strategy.name=deepspeed; set it to false"
+        )
     if cfg.strategy.sync_batchnorm:
         raise UserError("strategy.sync_batchnorm is a ddp option; set it to false with deepspeed")
     if cfg.log.tensorboard_graph and cfg.strategy.zero_stage == 3:
@@ -147,13 +145,15 @@ def _check_engine_config(ds_config: dict[str, Any], world_size: int) -> None:
     try:
         with _quiet():
             DeepSpeedConfig(local)
-    except (AssertionError, ValueError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"DeepSpeed refuses the config built from strategy.*: {why}") from None
+    except Exception as e:  # AssertionError, ValueError, its DeepSpeedConfigError, KeyError...
+        raise UserError(
+            f"DeepSpeed refuses the config built from strategy.*: {reason(e)}"
+        ) from None
 
 
 class DeepSpeed:
     collective = True
+
     def __init__(self, cfg: Config, env: Env, precision: Precision, device: torch.device) -> None:
         _check(cfg)
         self.deepspeed = require_deepspeed()
@@ -164,6 +164,7 @@ class DeepSpeed:
         self.engine: Any = None
         self.optimizer_name = ""
         self.schedule = "distnn's sched.*"
+        self.nchw = cfg.model.channels_last
         self.norm = torch.full((), math.nan, device=device)
 
     def describe(self) -> str:
@@ -174,6 +175,7 @@ class DeepSpeed:
             + (f" ({', '.join(offload)} to cpu)" if offload else "")
             + f", optimizer {self.optimizer_name}, schedule {self.schedule}, "
             f"{self.env.world_size} process(es)"
+            + (", weights NCHW (model.channels_last: inputs only)" if self.nchw else "")
         )
 
     # --- setup ----------------------------------------------------------------------------
@@ -181,6 +183,10 @@ class DeepSpeed:
     def setup(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> nn.Module:
+        if self.nchw:
+            # DeepSpeed views each parameter's bytes (its broadcast, ZeRO's flat buffers),
+            # which needs a last stride of 1: channels_last weights fail there.
+            model = model.to(memory_format=torch.contiguous_format)
         # DeepSpeed reads its rank and binds its device from torchrun's variables, which a
         # lone process or an srun task lacks.
         local = self.device.index if self.device.type == "cuda" else self.env.local_rank

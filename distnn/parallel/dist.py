@@ -16,13 +16,15 @@ from distnn.parallel.env import Env
 
 
 def device_for(env: Env) -> torch.device:
-    """This rank's device: GPU `local_rank` of the node's visible GPUs, or the one GPU a
-    launcher that binds a GPU per task (srun --gpus-per-task) left visible; else the CPU."""
+    """This rank's device: GPU `local_rank` of the node's visible GPUs, or, where srun binds
+    GPUs per task, GPU `local_rank` mod the task's GPUs; else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     count = torch.cuda.device_count()
-    if count > 1 and env.local_rank >= count:
-        # Two ranks on one GPU: NCCL refuses them later with a cryptic duplicate-GPU error.
+    if env.launcher != "slurm" and count > 1 and env.local_rank >= count:
+        # torchrun's workers all see the node's GPUs: two ranks would share one, and NCCL
+        # refuses them later with a cryptic duplicate-GPU error. (srun may give each task GPUs
+        # of its own, --gpus-per-task or --gpu-bind: there the task takes one of those.)
         raise UserError(
             f"local rank {env.local_rank} of {env.local_world_size} processes on this node has "
             f"no GPU of its own: {count} GPUs are visible; start at most {count} processes per "
