@@ -30,7 +30,10 @@ def cli(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            # One write, newline included: ranks sharing a stderr (torchrun) then never run
+            # two lines into one.
+            sys.stderr.write(f"error: {e}\n")
+            sys.stderr.flush()
             raise SystemExit(2) from None
 
     return wrapper
