@@ -221,12 +221,14 @@ class Manager:
     def restore(self) -> dict[str, Any] | None:
         """The checkpoint `ckpt.resume` names: none for `never`, the newest readable one in
         this run for `auto` (skipping unreadable ones with a warning), or a given path.
-        Checkpoints in this run past the step it continues from are removed: they belong to
-        an attempt that was lost (or to the run that `never` starts over)."""
-        state = None if self.cfg.resume == "never" else self._load()
+        Reads only: `discard_lost` removes what the run will not continue from."""
+        return None if self.cfg.resume == "never" else self._load()
+
+    def discard_lost(self, state: dict[str, Any] | None) -> None:
+        """Checkpoints in this run past the step it continues from (`state`'s) are removed:
+        they belong to an attempt that was lost (or to the run that `never` starts over)."""
         if self.writes:
             self._forget_after(state["position"]["step"] if state else 0)
-        return state
 
     def _load(self) -> dict[str, Any] | None:
         candidates = [Path(self.cfg.resume)] if self.cfg.resume != "auto" else []
@@ -260,6 +262,7 @@ def check_compatible(
     saved = state["config"]
     checks = [
         ("model.name", cfg.model.name, saved["model"]["name"]),
+        ("model.kwargs", cfg.model.kwargs, saved["model"].get("kwargs", {})),
         ("data.image_size", cfg.data.image_size, saved["data"]["image_size"]),
         ("number of classes", len(classes), len(state["classes"])),
     ]

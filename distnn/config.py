@@ -18,12 +18,16 @@ from typing import Any, Literal
 import yaml
 
 from distnn.errors import UserError
+from distnn.imports import is_import_path
+
+# data.source names with a reader of their own; "python" records datasets given to distnn.fit.
+BUILTIN_SOURCES = ("synthetic", "cifar10", "cifar100", "imagefolder", "shards", "python")
 
 
 def _f(default: Any, help: str) -> Any:
     """A field with its help text; the help feeds `--help-config` and the README table."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -39,17 +43,33 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("tutorial_cnn", "zoo name (python -m distnn.models lists them) or tv:<name>")
+    name: str = _f(
+        "tutorial_cnn",
+        "zoo name (python -m distnn.models lists them), tv:<name>, timm:<name> or "
+        "pkg.module:callable",
+    )
+    kwargs: dict[str, Any] = _f({}, "keyword arguments of the model's builder (model.kwargs.k=v)")
     num_classes: int | None = _f(None, "classes; default: from the data")
+    init: Literal["default", "kaiming_normal", "xavier_uniform", "trunc_normal"] = _f(
+        "default", "re-initialise conv and linear weights (biases 0, norms 1) after building"
+    )
+    init_from: str = _f(
+        "", "weights to start a new run from: run dir, checkpoint, export, .pt/.pth, .safetensors"
+    )
+    head: str = _f("", "classifier module name (default: the last layer with num_classes outputs)")
+    freeze: list[str] = _f([], "parameter name prefixes that do not train (model.freeze=a,b)")
     channels_last: bool = _f(False, "NHWC memory format (faster convs on CUDA tensor cores)")
     compile: bool = _f(False, "torch.compile the model")
 
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "cifar10", "cifar100", "imagefolder", "shards"] = _f(
-        "synthetic", "where samples come from"
+    source: str = _f(
+        "synthetic",
+        "synthetic | cifar10 | cifar100 | imagefolder | shards | pkg.module:callable "
+        "(called with split=, root=, **data.kwargs)",
     )
+    kwargs: dict[str, Any] = _f({}, "keyword arguments of a pkg.module:callable source")
     root: str = _f(
         "data", "dataset directory (cifar-10-batches-py's parent, train/ val/, or shards)"
     )
@@ -82,6 +102,7 @@ class OptimConfig:
     eps: float = _f(1e-8, "AdamW epsilon")
     scale_lr: bool = _f(False, "scale lr by global batch / base_batch (linear scaling rule)")
     base_batch: int = _f(256, "global batch at which optim.lr applies unscaled")
+    head_lr_scale: float = _f(1.0, "LR multiplier of the classifier head (fine-tuning: e.g. 10)")
 
 
 @dataclass
@@ -212,6 +233,8 @@ def _type_name(tp: Any) -> str:
         return "null"
     if typing.get_origin(tp) is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if typing.get_origin(tp) is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -249,6 +272,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise bad()
         return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return {str(k): v for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -332,10 +359,13 @@ def from_dict(values: dict[str, Any]) -> Config:
     return validate(_build(Config, values, ""))
 
 
-def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `key=value` overrides, checked at every level."""
+def load(path: str | Path | Config | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (or a Config), then `key=value` overrides, checked at
+    every level."""
     tree: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(path, Config):
+        tree = to_dict(path)
+    elif path is not None:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} does not exist")
@@ -405,6 +435,14 @@ def validate(cfg: Config) -> Config:
         raise UserError("set train.epochs or train.max_steps above 0: the run has no steps")
     if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
         raise UserError(f"model.num_classes must be >= 2, got {cfg.model.num_classes}")
+    source = cfg.data.source
+    if source not in BUILTIN_SOURCES and not is_import_path(source):
+        raise UserError(
+            f"data.source {source!r} is not one of {', '.join(BUILTIN_SOURCES[:-1])} "
+            "or a pkg.module:callable"
+        )
+    if cfg.optim.head_lr_scale < 0:
+        raise UserError(f"optim.head_lr_scale must be >= 0, got {cfg.optim.head_lr_scale}")
     if len(cfg.optim.betas) != 2:
         raise UserError(f"optim.betas takes two numbers, got {cfg.optim.betas}")
     return cfg

@@ -10,18 +10,35 @@ import torch
 from torch import nn
 
 from distnn.config import OptimConfig, SchedConfig
+from distnn.errors import UserError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, head: str = "", head_lr: float | None = None
+) -> list[dict]:
+    """Trainable parameters by weight decay and, where the head trains at its own rate, by
+    head. Frozen ones (requires_grad False) are left out."""
     # Decaying norm scales and biases hurts accuracy and buys no regularisation: every 0-d or
-    # 1-d parameter (BN/LN weights, biases) goes in the no-decay group.
-    decay, no_decay = [], []
-    for p in model.parameters():
+    # 1-d parameter (BN/LN weights, biases) goes in a no-decay group.
+    split_head = head_lr is not None
+    if split_head and not head:
+        raise UserError(
+            "optim.head_lr_scale needs the classifier head and none was found "
+            "(no final layer with num_classes outputs): name it with model.head"
+        )
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            in_head = split_head and (name == head or name.startswith(head + "."))
+            groups.setdefault((in_head, p.ndim <= 1), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": groups.get((in_head, no_decay), []),
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            **({"lr": head_lr} if in_head else {}),
+        }
+        for in_head in ((False, True) if split_head else (False,))
+        for no_decay in (False, True)
     ]
 
 
@@ -37,9 +54,13 @@ def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.base_batch if cfg.scale_lr else cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, global_batch: int, head: str = ""
+) -> torch.optim.Optimizer:
     cfg = dataclasses.replace(cfg, lr=peak_lr(cfg, global_batch))
-    return _OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay), cfg)
+    head_lr = cfg.lr * cfg.head_lr_scale if cfg.head_lr_scale != 1.0 else None
+    groups = param_groups(model, cfg.weight_decay, head, head_lr)
+    return _OPTIMIZERS[cfg.name](groups, cfg)
 
 
 # Each schedule maps (steps since warmup, steps to decay over, config) to an LR multiplier.

@@ -24,12 +24,18 @@ from distnn.errors import UserError, cli
 class Predictor:
     """The model and preprocessing a checkpoint describes, ready for images."""
 
-    def __init__(self, state: dict[str, Any], device: torch.device) -> None:
+    def __init__(
+        self, state: dict[str, Any], device: torch.device, model: torch.nn.Module | None = None
+    ) -> None:
+        """`model`: the architecture, for runs whose model was an object handed to
+        distnn.fit; others are rebuilt from the checkpoint's model.name and model.kwargs."""
         cfg = config.from_dict(state["config"])  # checkpoints and exports both carry it
         self.classes: list[str] = list(state["classes"])
         self.size = cfg.data.image_size
         self.device = device
-        self.model = models.build(cfg.model.name, len(self.classes), self.size)
+        self.model = model or models.build(
+            cfg.model.name, len(self.classes), self.size, cfg.model.kwargs
+        )
         self.model.load_state_dict(checkpoint.model_state(state))
         self.model.to(device).eval()
         self.transform = EvalTransform(self.size)

@@ -73,26 +73,31 @@ def compile_model(model: torch.nn.Module, device: torch.device, run: monitor.Run
     return torch.compile(model)
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(
+    cfg: Config, given_model: models.ModelArg = None, datasets: tuple[Any, Any] | None = None
+) -> dict[str, Any]:
+    """Run `cfg`; `given_model` (a module or factory) and `datasets` (train, val) are what
+    distnn.fit takes in place of model.name and data.source."""
     # Everything that can be wrong with the input is checked before a process group forms.
     env = parallel.detect()
     cfg = config.for_world(cfg, env.world_size, env.local_world_size)
     device = dist.use_device(env)
     precision = precision_lib.build(cfg.precision, device)
     configure_kernels(cfg, device)
-    loaders = data.build(cfg, env, pin_memory=device.type == "cuda")
-    seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    model = models.build(cfg.model.name, num_classes(cfg, loaders.classes), cfg.data.image_size)
-    model = model.to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    steps = total_steps(cfg, loaders)
-    optimizer = optim.build_optimizer(model, cfg.optim, config.global_batch(cfg, env.world_size))
-    scheduler = optim.build_scheduler(optimizer, cfg.sched, steps)
+    loaders = data.build(cfg, env, pin_memory=device.type == "cuda", datasets=datasets)
     ckpt = checkpoint.Manager(cfg.ckpt, cfg.run_dir, env.is_main)
     state = ckpt.restore()
     if state is not None:
         checkpoint.check_compatible(state, cfg, loaders.classes, ckpt.restored_from, env.world_size)
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    model, head, model_notes = models.prepare(
+        cfg, num_classes(cfg, loaders.classes), device, given_model, fresh=state is None
+    )
+    steps = total_steps(cfg, loaders)
+    global_batch = config.global_batch(cfg, env.world_size)
+    optimizer = optim.build_optimizer(model, cfg.optim, global_batch, head)
+    scheduler = optim.build_scheduler(optimizer, cfg.sched, steps)
+    ckpt.discard_lost(state)
     start = state["position"]["step"] if state else 0
     done = finished(cfg, start) if start >= steps else None
     if done is not None:  # nothing is written: the run directory stays as the run left it
@@ -113,6 +118,8 @@ def train(cfg: Config) -> dict[str, Any]:
             seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
             run = monitor.Run(cfg, env, steps, start)
             run.message(f"strategy: {strategy.describe()}")
+            for note in model_notes:
+                run.message(note)
             if precision.warning:
                 run.message(precision.warning)
             if cfg.model.compile:

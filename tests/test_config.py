@@ -23,10 +23,11 @@ def user_error(fn, *args) -> str:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
-    """{dotted key: value} for every leaf of a nested config dict, in order."""
+    """{dotted key: value} for every leaf of a nested config dict, in order (a `kwargs`
+    mapping is one leaf: the builder's keyword arguments)."""
     flat = {}
     for name, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and name != "kwargs":
             flat.update(flatten(value, f"{prefix}{name}."))
         else:
             flat[f"{prefix}{name}"] = value
@@ -334,3 +335,19 @@ def test_cli_help_config(capsys):
     assert table_keys == [row[0] for row in config.help_rows()]
     assert "train.batch_size" in table_keys
     assert all(line.startswith("| `") and line.endswith(" |") for line in lines[2:])
+
+
+def test_kwargs_mappings_take_dotted_overrides_typed_as_yaml():
+    cfg = config.load(None, ["model.kwargs.depth=4", "model.kwargs.act=gelu", "model.kwargs.p=0.1",
+                             "data.kwargs={fold: 2}", "data.kwargs.split_file=a.txt"])  # fmt: skip
+    assert cfg.model.kwargs == {"depth": 4, "act": "gelu", "p": 0.1}
+    assert cfg.data.kwargs == {"fold": 2, "split_file": "a.txt"}
+    assert "model.kwargs" in user_error(config.load, None, ["model.kwargs=3"])
+    again = config.from_dict(config.to_dict(cfg))  # the saved config rebuilds the same run
+    assert again.model.kwargs == cfg.model.kwargs
+
+
+def test_data_source_is_a_builtin_or_an_import_path():
+    assert config.load(None, ["data.source=mylab.data:Scans"]).data.source == "mylab.data:Scans"
+    message = user_error(config.load, None, ["data.source=mylab.data"])
+    assert "'mylab.data'" in message and "pkg.module:callable" in message

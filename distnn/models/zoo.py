@@ -1,6 +1,6 @@
-"""Model registry: a config's `model.name` maps to a factory `(num_classes, image_size) -> Module`.
+"""The zoo: registered names, each a factory `(num_classes, image_size) -> Module`.
 
-Any torchvision classifier is also reachable as `tv:<name>` without registering it here.
+Other families (`tv:`, `timm:`, `pkg.module:callable`) are built in models/factory.py.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-import torchvision
 from torch import nn
 from torchvision import models as tvm
 
@@ -18,7 +17,6 @@ from distnn.models import cifar
 Factory = Callable[[int, int], nn.Module]
 F = TypeVar("F", bound=Factory)
 
-TV_PREFIX = "tv:"
 # Images up to this size get CIFAR-style networks: the ImageNet stems downsample 4-32x before the
 # first block, which leaves almost nothing of a small image to classify.
 SMALL_IMAGE_MAX = 64
@@ -28,8 +26,8 @@ _REGISTRY: dict[str, Factory] = {}
 
 def register(name: str) -> Callable[[F], F]:
     """Decorator adding `factory(num_classes, image_size) -> nn.Module` to the zoo as `name`."""
-    if not name or name.startswith(TV_PREFIX):
-        raise ValueError(f"invalid model name {name!r}: empty or shadows the {TV_PREFIX} family")
+    if not name or ":" in name:
+        raise ValueError(f"invalid model name {name!r}: empty or shadows a name:<...> family")
 
     def decorator(factory: F) -> F:
         # Registering twice is a programming error (two modules claiming one name), not user input.
@@ -42,47 +40,12 @@ def register(name: str) -> Callable[[F], F]:
 
 
 def names() -> list[str]:
-    """Sorted registered model names (the open-ended `tv:<name>` family is not listed)."""
+    """Sorted registered model names (the open-ended families are not listed)."""
     return sorted(_REGISTRY)
 
 
-def torchvision_names() -> list[str]:
-    """Sorted torchvision classification models usable as `tv:<name>`."""
-    # module= restricts the list to classifiers (no detection/segmentation/video models).
-    return sorted(tvm.list_models(module=torchvision.models))
-
-
-def build(name: str, num_classes: int, image_size: int) -> nn.Module:
-    """Build a freshly initialised (never pretrained) model; bad input raises UserError."""
-    _require_positive_int("model.num_classes", num_classes)
-    _require_positive_int("image_size", image_size)
-    if name.startswith(TV_PREFIX):
-        return _build_torchvision(name, num_classes)
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise UserError(
-            f"unknown model.name {name!r}; valid: {', '.join(names())}, "
-            f"or {TV_PREFIX}<torchvision classifier>"
-        )
-    return factory(num_classes, image_size)
-
-
-def _build_torchvision(name: str, num_classes: int) -> nn.Module:
-    tv_name = name[len(TV_PREFIX) :]
-    available = torchvision_names()
-    if tv_name not in available:
-        examples = ", ".join(TV_PREFIX + n for n in available[:10])
-        raise UserError(
-            f"unknown model.name {name!r}: {tv_name!r} is not a torchvision classifier; "
-            f"e.g. {examples}, ..."
-        )
-    return tvm.get_model(tv_name, weights=None, num_classes=num_classes)
-
-
-def _require_positive_int(field: str, value: object) -> None:
-    # bool is an int subclass; `num_classes: true` in YAML should not build a 1-class model.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{field} must be a positive integer, got {value!r}")
+def get(name: str) -> Factory | None:
+    return _REGISTRY.get(name)
 
 
 def _require_min_size(model: str, image_size: int, minimum: int) -> None:

@@ -1,0 +1,95 @@
+"""`prepare`: the model a run starts from — built, initialised, loaded, frozen, on its device.
+
+Every rank calls it after the same seed, so every rank holds identical weights before any
+process group forms; everything that can be wrong with the model is one line by then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from distnn.config import Config
+from distnn.errors import UserError
+from distnn.models import factory, init, pretrained, summary
+
+ModelArg = nn.Module | Callable[..., nn.Module] | None
+
+
+def head(model: nn.Module, num_classes: int, name: str = "") -> str:
+    """The classifier's module name: `name` where given, timm's own record, else the last
+    Linear or 1×1 conv with num_classes outputs ("" when there is none)."""
+    modules = dict(model.named_modules())
+    if name:
+        if name not in modules:
+            top = ", ".join(n for n in modules if n and "." not in n)
+            raise UserError(f"model.head={name!r} is not a module of this model; top level: {top}")
+        return name
+    recorded = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if isinstance(recorded, str) and recorded in modules:
+        return recorded
+    outputs = [
+        n
+        for n, m in modules.items()
+        if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes and m.kernel_size == (1, 1))
+    ]
+    return outputs[-1] if outputs else ""
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> int:
+    """requires_grad=False for parameters under any prefix; the number of tensors frozen."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            top = sorted({n.split(".")[0] for n in names})
+            raise UserError(
+                f"model.freeze={prefix!r} matches no parameter; top-level names: {', '.join(top)}"
+            )
+    frozen = 0
+    for n, p in model.named_parameters():
+        if any(n == pre or n.startswith(pre + ".") for pre in prefixes):
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def _build(cfg: Config, num_classes: int, given: ModelArg) -> nn.Module:
+    if given is None:
+        return factory.build(cfg.model.name, num_classes, cfg.data.image_size, cfg.model.kwargs)
+    if isinstance(given, nn.Module):
+        return given
+    return factory.from_callable(
+        given, cfg.model.name, num_classes, cfg.data.image_size, cfg.model.kwargs
+    )
+
+
+def prepare(
+    cfg: Config,
+    num_classes: int,
+    device: torch.device,
+    given: ModelArg = None,
+    fresh: bool = True,
+) -> tuple[nn.Module, str, list[str]]:
+    """(model, its head's name, lines for the run log). `fresh`: a new run, which loads
+    `model.init_from`; a resumed one takes its weights from its checkpoint instead."""
+    model = _build(cfg, num_classes, given)
+    init.initialize(model, cfg.model.init)
+    classifier = head(model, num_classes, cfg.model.head)
+    notes = []
+    if cfg.model.init_from and fresh:
+        weights = pretrained.read(cfg.model.init_from)
+        kept = pretrained.load(model, weights, classifier, cfg.model.init_from)
+        fresh_keys = f"; new (not loaded): {', '.join(kept)}" if kept else ""
+        notes.append(f"weights from {cfg.model.init_from}{fresh_keys}")
+    if cfg.model.freeze:
+        frozen = freeze(model, cfg.model.freeze)
+        notes.append(f"frozen: {frozen} parameter tensors under {', '.join(cfg.model.freeze)}")
+    model = model.to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    profile = summary.profile(model, cfg.data.image_size, num_classes, device)
+    notes.insert(0, f"model {cfg.model.name}: {profile.describe()}")
+    return model, classifier, notes
