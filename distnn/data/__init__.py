@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from distnn.config import Config, for_world
-from distnn.data import pipeline, sources
+from distnn.data import custom, pipeline, sources
 from distnn.data.errors import Batch, DataErrors, PolicyLoader
 from distnn.data.order import EvalBatches, Key, ShardOrder, TrainBatches
 from distnn.data.transforms import EvalTransform, TrainTransform
@@ -35,7 +36,7 @@ class BatchReader(torch.utils.data.Dataset):
         n, problems = 0, []
         for i, epoch in keys:
             try:
-                image, label = self.split.image(i), self.split.label(i)
+                image, label = self.split.sample(i)
             except Exception as e:  # a file that does not decode; a user's split may raise anything
                 problems.append(f"sample {i}: {reason(e)}")
                 continue
@@ -90,11 +91,22 @@ def _loader(
     return PolicyLoader(loader, errors, cfg.data.on_error, train)
 
 
-def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
+def _dataset(cfg: Config, datasets: tuple[Any, Any] | None) -> sources.Dataset:
+    if datasets is not None:
+        return custom.from_datasets(*datasets, cfg.model.num_classes, custom.PYTHON)
+    if cfg.data.source in sources.SOURCES:
+        return sources.load(cfg.data)
+    return custom.load(cfg.data, cfg.model.num_classes)
+
+
+def build(
+    cfg: Config, env: Env, pin_memory: bool = False, datasets: tuple[Any, Any] | None = None
+) -> Loaders:
+    """The loaders of `cfg.data`, or of (train, val) map-style datasets given in Python."""
     cfg = for_world(cfg, env.world_size, env.local_world_size)  # as train() runs it
-    if cfg.data.source == "shards":
+    if cfg.data.source == "shards" and datasets is None:
         return pipeline.build(cfg, env, pin_memory)
-    ds = sources.load(cfg.data)
+    ds = _dataset(cfg, datasets)
     size = cfg.data.image_size
     order = TrainBatches(
         len(ds.train),

@@ -110,7 +110,7 @@ def load(root: str | Path) -> Manifest:
     if not path.is_file():
         raise UserError(
             f"no shard manifest at {str(path)!r}; make shards with "
-            "`python -m distnn.data.shard cifar10|cifar100|imagefolder SRC OUT`"
+            "`python -m distnn.data.shard cifar10|cifar100|imagefolder|pkg.module:callable SRC OUT`"
         )
     try:
         data = json.loads(path.read_text())

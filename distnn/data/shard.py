@@ -1,13 +1,17 @@
 """Convert a dataset into webdataset tar shards plus OUT/manifest.json.
 
-    python -m distnn.data.shard cifar10|cifar100|imagefolder SRC OUT [--max-count N]
-        [--max-size BYTES] [--seed S] [--workers W] [--resize SHORT_SIDE] [--quality Q] [--strict]
+    python -m distnn.data.shard cifar10|cifar100|imagefolder|pkg.module:callable SRC OUT
+        [--max-count N] [--max-size BYTES] [--seed S] [--workers W] [--resize SHORT_SIDE]
+        [--quality Q] [--strict] [--kwarg KEY=VALUE ...] [--num-classes K]
 
 Each split becomes OUT/<split>-000000.tar, ... with per sample `<key>.<ext>` (the image),
 `<key>.cls` (class index) and `<key>.json` (source path or index), plus a sidecar
 `<split>-000000.idx.json` with each image's byte offset (the loader's fast path). Samples are
 shuffled with --seed before writing, so every shard mixes classes. JPEG/PNG/WebP files are
 copied byte for byte unless --resize; CIFAR images are stored as PNG (lossless).
+
+A user's dataset, pkg.module:callable(split="train"|"val", root=SRC, **--kwarg's), as
+`data.source=` takes it, is stored as PNG; class names: its `classes`, else --num-classes.
 
 Workers encode; this process writes the tars in order, so --max-size is exact. Each shard is
 written under a temporary name and renamed when complete, then recorded in
@@ -34,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from distnn.data import manifest as mf
+from distnn.data import shard_custom
 from distnn.data.sources import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -44,19 +49,25 @@ from distnn.data.sources import (
     load_cifar,
 )
 from distnn.data.writer import SplitWriter, reusable, update_totals
-from distnn.errors import UserError, cli
+from distnn.errors import UserError, cli, reason
 
 KEEP = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats stored as they are
+KINDS = ("cifar10", "cifar100", "imagefolder")
 PARTIAL = ".manifest.partial.json"
 
 
 @dataclass(frozen=True)
 class Item:
-    source: str  # what <key>.json records: path relative to SRC, or the CIFAR split
-    label: int
+    source: str  # what <key>.json records: path relative to SRC, or "<dataset>/<split>"
+    label: int | None  # None: a user dataset's, known once the sample is read
     path: str | None = None  # imagefolder: the file
-    index: int | None = None  # cifar: the row in the official split
+    index: int | None = None  # cifar, user dataset: the sample's index in its split
     pixels: bytes | None = None  # cifar: 3 × 32 × 32 uint8
+    split: str | None = None  # user dataset: the split the worker reads sample `index` of
+
+    @property
+    def name(self) -> str:
+        return self.source if self.split is None else f"{self.source}[{self.index}]"
 
 
 @dataclass(frozen=True)
@@ -151,16 +162,24 @@ def encode(item: Item, opts: Options) -> tuple[str, bytes]:
 _OPTS: Options | None = None
 
 
-def _init(opts: Options) -> None:
+def _init(opts: Options, source: shard_custom.Source | None = None) -> None:
     global _OPTS
     _OPTS = opts
+    if source is not None:  # a worker opens the user's datasets itself
+        shard_custom.open_splits(source)
 
 
-def _encode_job(item: Item) -> tuple[str, bytes] | str:
+def _encode_job(item: Item) -> tuple[str, bytes, int] | str:
+    """(extension, bytes, label) of one sample, or why it cannot be read."""
     try:
-        return encode(item, _OPTS)
+        if item.split is not None:
+            img, label = shard_custom.read(item.split, item.index, _OPTS.resize)
+            return "png", _png(img), label
+        return (*encode(item, _OPTS), item.label)
+    except shard_custom.WorkerError:
+        raise  # stops the run
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        return reason(e)
 
 
 def parse_size(text: str) -> int:
@@ -206,17 +225,16 @@ def _write_split(w: SplitWriter, split: str, items: list[Item], start: int, resu
     for pos, (item, result) in enumerate(zip(items[start:], results, strict=True), start):
         if isinstance(result, str):
             if strict:
-                raise UserError(f"cannot read image {item.source!r}: {result} (--strict)")
-            doc["skipped"].append(
-                {"split": split, "position": pos, "source": item.source, "reason": result}
-            )
-            print(f"warning: skipped {item.source}: {result}", file=sys.stderr)
+                raise UserError(f"cannot read image {item.name!r}: {result} (--strict)")
+            where = {"source": item.source} | ({} if item.split is None else {"index": item.index})
+            doc["skipped"].append({"split": split, "position": pos, **where, "reason": result})
+            print(f"warning: skipped {item.name}: {result}", file=sys.stderr)
             continue
-        ext, data = result
-        meta = {"source": item.source, "label": item.label}
+        ext, data, label = result
+        meta = {"source": item.source, "label": label}
         if item.index is not None:
             meta["index"] = item.index
-        if w.add(f"{split}-{pos:08d}", ext, data, item.label, json.dumps(meta).encode(), pos):
+        if w.add(f"{split}-{pos:08d}", ext, data, label, json.dumps(meta).encode(), pos):
             written += 1
             update_totals(doc, split, w.shards)
             mf.write_json(out / PARTIAL, doc)  # the journal a re-run resumes from
@@ -228,20 +246,32 @@ def _write_split(w: SplitWriter, split: str, items: list[Item], start: int, resu
     return written + (w.close(len(items)) is not None)
 
 
-def shard(kind: str, src: Path, out: Path, max_count: int = 5000, max_size: int = 256_000_000,
-          seed: int = 0, workers: int = 1, resize: int | None = None, quality: int = 90,
-          strict: bool = False, command: str = "") -> dict:  # fmt: skip
-    """Write SRC's splits as shards under OUT; the manifest written."""
+def shard(kind: str, src: Path | str, out: Path, max_count: int = 5000,
+          max_size: int = 256_000_000, seed: int = 0, workers: int = 1, resize: int | None = None,
+          quality: int = 90, strict: bool = False, command: str = "", *,
+          kwargs: dict | None = None, num_classes: int | None = None) -> dict:  # fmt: skip
+    """Write SRC's splits as shards under OUT; the manifest written. A `pkg.module:callable`
+    kind is called with root=SRC (any string) and **kwargs; the others read directory SRC."""
     if max_count < 1 or max_size < 64 * 1024 or workers < 1 or not 1 <= quality <= 100:
         raise UserError("need --max-count >= 1, --max-size >= 64K, --workers >= 1, --quality 1-100")
-    if not src.is_dir():
+    user = shard_custom.check(kind, KINDS, kwargs, num_classes)
+    if not user and not Path(src).is_dir():
         raise UserError(f"source {str(src)!r} is not a directory")
     skipped: list[dict] = []
-    if kind == "imagefolder":
+    source = None
+    if user:
+        source, classes, lengths, mean, std = shard_custom.collect(
+            kind, str(src), kwargs, num_classes
+        )
+        splits = {s: [Item(f"{kind}/{s}", None, index=i, split=s) for i in range(n)]
+                  for s, n in lengths.items()}  # fmt: skip
+        dataset = kind
+    elif kind == "imagefolder":
+        src = Path(src)
         classes, splits, skipped = collect_imagefolder(src)
         dataset, mean, std = src.name, IMAGENET_MEAN, IMAGENET_STD
     else:
-        classes, splits = collect_cifar(kind, src)
+        classes, splits = collect_cifar(kind, Path(src))
         dataset, mean, std = kind, CIFAR_MEAN, CIFAR_STD
     if strict and skipped:
         raise UserError(f"{skipped[0]['source']}: {skipped[0]['reason']} (--strict)")
@@ -249,6 +279,8 @@ def shard(kind: str, src: Path, out: Path, max_count: int = 5000, max_size: int 
         random.Random(f"{seed}:{split}").shuffle(items)  # so every shard mixes classes
     options = {"kind": kind, "seed": seed, "max_count": max_count, "max_size": max_size,
                "resize": resize, "quality": quality if resize else None}  # fmt: skip
+    if user:  # what the callable's samples are a function of, besides its name
+        options |= {"root": str(src), "kwargs": kwargs or {}}
     print_ = fingerprint(options, classes, splits)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tar.tmp"):
@@ -264,7 +296,7 @@ def shard(kind: str, src: Path, out: Path, max_count: int = 5000, max_size: int 
     }  # fmt: skip
     opts = Options(resize, quality)
     _init(opts)
-    pool = multiprocessing.Pool(workers, _init, (opts,)) if workers > 1 else None
+    pool = multiprocessing.Pool(workers, _init, (opts, source)) if workers > 1 else None
     reused = written = 0
     w = None
     try:
@@ -289,6 +321,7 @@ def shard(kind: str, src: Path, out: Path, max_count: int = 5000, max_size: int 
             w.abort()  # only an error leaves a shard open
         if pool:
             pool.terminate()
+        shard_custom.close()
     mf.write_json(out / mf.NAME, doc)
     (out / PARTIAL).unlink(missing_ok=True)
     summary = ", ".join(f"{s} {v['count']}" for s, v in doc["splits"].items())
@@ -301,8 +334,8 @@ def shard(kind: str, src: Path, out: Path, max_count: int = 5000, max_size: int 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m distnn.data.shard", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("kind", choices=["cifar10", "cifar100", "imagefolder"])
-    p.add_argument("src", type=Path)
+    p.add_argument("kind", help=f"{' | '.join(KINDS)} | pkg.module:callable")
+    p.add_argument("src", help="the dataset directory; a callable's root= (any string)")
     p.add_argument("out", type=Path)
     p.add_argument("--max-count", type=int, default=5000, help="samples per shard at most")
     p.add_argument("--max-size", default="256M", help="bytes per shard at most (256M, 1G, ...)")
@@ -311,10 +344,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resize", type=int, metavar="SHORT_SIDE", help="downscale larger images")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality after --resize")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
+    p.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument of the callable (YAML value); repeatable")  # fmt: skip
+    p.add_argument("--num-classes", type=int, metavar="K",
+                   help="a callable's dataset without `classes`: classes named 0..K-1")  # fmt: skip
     args = p.parse_args(argv)
     command = shlex.join(["python", "-m", "distnn.data.shard", *(argv or sys.argv[1:])])
     shard(args.kind, args.src, args.out, args.max_count, parse_size(args.max_size), args.seed,
-          args.workers, args.resize, args.quality, args.strict, command)  # fmt: skip
+          args.workers, args.resize, args.quality, args.strict, command,
+          kwargs=shard_custom.parse_kwargs(args.kwarg), num_classes=args.num_classes)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ class Split(Protocol):
 
     def label(self, i: int) -> int: ...
 
+    def sample(self, i: int) -> tuple[torch.Tensor, int]:
+        """(image, label): one read where the dataset yields both at once."""
+
 
 @dataclass
 class ArraySplit:
@@ -44,6 +47,9 @@ class ArraySplit:
     def label(self, i: int) -> int:
         return int(self.labels[i])
 
+    def sample(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.image(i), self.label(i)
+
 
 @dataclass
 class FileSplit:
@@ -60,6 +66,9 @@ class FileSplit:
 
     def label(self, i: int) -> int:
         return self.labels[i]
+
+    def sample(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.image(i), self.label(i)
 
 
 @dataclass
