@@ -33,9 +33,9 @@ class Predictor:
         self.classes: list[str] = list(state["classes"])
         self.size = cfg.data.image_size
         self.device = device
-        self.model = model or models.build(
-            cfg.model.name, len(self.classes), self.size, cfg.model.kwargs
-        )
+        if model is None:
+            model = models.build(cfg.model.name, len(self.classes), self.size, cfg.model.kwargs)
+        self.model = model
         self.model.load_state_dict(checkpoint.model_state(state))
         self.model.to(device).eval()
         self.transform = EvalTransform(self.size)

@@ -15,6 +15,7 @@ import pytest
 import submitit
 
 from distnn import submit as submit_cli
+from tests import user_package
 from tests.cluster import FINISHED
 from tests.conftest import FAST, ROOT, assert_same_weights, logged_steps, run_cli
 
@@ -112,13 +113,19 @@ def test_preempted_submitit_job_requeues_and_ends_with_the_same_weights(
     assert_same_weights(run_dir, submitted[1], rtol=1e-6)
 
 
-def test_submit_local_runs_here(tmp_path):
-    r = run_cli(*submit_args(tmp_path, "--local"), timeout=240)
+def test_submit_local_runs_here_with_the_user_s_own_package(tmp_path):
+    """The job's tasks import the user's model and dataset by name, as on a node."""
+    site = user_package.write(tmp_path / "site")
+    own = ["model.name=userpkg.nets:SmallNet", "data.source=userpkg.data:Channels",
+           "data.kwargs.n=80"]  # fmt: skip
+    r = run_cli(*submit_args(tmp_path, "--local"), *own, timeout=240,
+                env={"PYTHONPATH": f"{ROOT}:{site}"})  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     job_id, run_dir, result = printed(r.stdout)
     assert f"submitted job {job_id} here" in r.stdout
     assert result["world_size"] == 2 and result["steps"] == STEPS
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
+    assert "name: userpkg.nets:SmallNet" in (run_dir / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize(
