@@ -309,7 +309,7 @@ TRAIN_ROWS = [
     # weight (last stride not 1) refuses.
     ("train: DeepSpeed ZeRO-2 + FusedAdam (NCHW)",
      ["precision=bf16", "model.channels_last=false", "strategy.name=deepspeed",
-      "strategy.zero_stage=2", "optim.name=adamw", "optim.lr=0.001"], 1, "deepspeed",
+      "strategy.deepspeed.zero_stage=2", "optim.name=adamw", "optim.lr=0.001"], 1, "deepspeed",
      "FusedAdam"),
 ]  # fmt: skip
 

@@ -95,16 +95,14 @@ class Case:
         if channels_last:
             self.init = self.init.to(memory_format=torch.channels_last)
 
-    def _optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, object]:
+    def _recipe(self) -> tuple[optim.Optimizers, optim.Schedule]:
         global_batch = self.batch * self.accum * self.env.world_size
-        opt = optim.build_optimizer(model, self.cfg.optim, global_batch)
-        return opt, optim.build_scheduler(opt, self.cfg.sched, 10**6)
+        return optim.Optimizers(self.cfg.optim, global_batch), optim.Schedule(self.cfg.sched, 10**6)
 
     def distnn(self) -> tuple[Engine, nn.Module]:
         model = copy.deepcopy(self.init)
-        opt, sched = self._optimizer(model)
         strategy = parallel.build(self.cfg, self.env, self.device, self.precision)
-        forward = strategy.setup(model, opt, sched)
+        forward = strategy.setup(model, *self._recipe())
         batches = MemoryBatches(self.x, self.y, self.steps * self.accum)
         loaders = Loaders(train=batches, val=[], train_order=batches, classes=list("0123456789"),
                           mean=MEAN, std=STD, train_size=len(batches) * self.batch,
@@ -124,7 +122,9 @@ class Case:
 
     def bare(self) -> nn.Module:
         model = copy.deepcopy(self.init)
-        self.bare_model, (self.bare_opt, self.bare_sched) = model, self._optimizer(model)
+        optimizers, schedule = self._recipe()
+        self.bare_opt = optimizers(model)
+        self.bare_model, self.bare_sched = model, schedule(self.bare_opt)
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(MEAN, device=self.device).view(shape)
         self.inv_std = 1.0 / torch.tensor(STD, device=self.device).view(shape)

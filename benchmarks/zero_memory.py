@@ -40,16 +40,24 @@ BUCKET = 20_000_000  # elements: small buckets, or 5e8-element buffers hide the 
 
 CASES = {  # name: (overrides, predicted bytes per rank as (a, b): a·Ψ + b·Ψ/N)
     "ddp": (["strategy.name=ddp"], (16, 0)),
-    "zero1": (["strategy.name=deepspeed", "strategy.zero_stage=1"], (8, 12)),
-    "zero2": (["strategy.name=deepspeed", "strategy.zero_stage=2"], (4, 16)),
+    "zero1": (["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=1"], (8, 12)),
+    "zero2": (["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=2"], (4, 16)),
     # Stage 3 keeps up to stage3_max_live_parameters (default 1e9 elements: this whole model)
     # gathered after use: bound it by a bucket too, as a user short of memory would.
     "zero3": (
-        ["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.ds_config=LIVE"],
+        [
+            "strategy.name=deepspeed",
+            "strategy.deepspeed.zero_stage=3",
+            "strategy.deepspeed.ds_config=LIVE",
+        ],
         (0, 20),
     ),
     "zero2_offload": (
-        ["strategy.name=deepspeed", "strategy.zero_stage=2", "strategy.offload_optimizer=cpu"],
+        [
+            "strategy.name=deepspeed",
+            "strategy.deepspeed.zero_stage=2",
+            "strategy.deepspeed.offload_optimizer=cpu",
+        ],
         (4, 16),
     ),
 }
@@ -83,9 +91,9 @@ def measure_case(case: str, layers: int, env: Env, live: Path) -> dict:
     """Memory the case's 3 training steps add to the rank, all ranks gathered."""
     overrides = [o.replace("LIVE", str(live)) for o in CASES[case][0]]
     cfg = config.load(None, [*overrides, "optim.name=adamw", "optim.lr=1e-4", "train.batch_size=8",
-                             f"strategy.reduce_bucket_size={BUCKET}",
-                             f"strategy.allgather_bucket_size={BUCKET}",
-                             f"strategy.bucket_cap_mb={BUCKET * 4 / 2**20}"])  # fmt: skip
+                             f"strategy.deepspeed.reduce_bucket_size={BUCKET}",
+                             f"strategy.deepspeed.allgather_bucket_size={BUCKET}",
+                             f"strategy.ddp.bucket_cap_mb={BUCKET * 4 / 2**20}"])  # fmt: skip
     device = dist.device_for(env)
     strategy = parallel.build(cfg, env, device, precision_lib.build("fp32", device))
     cuda = device.type == "cuda"
@@ -96,9 +104,7 @@ def measure_case(case: str, layers: int, env: Env, live: Path) -> dict:
     blocks = [m for _ in range(layers) for m in (nn.Linear(WIDTH, WIDTH), nn.ReLU())]
     model = nn.Sequential(*blocks[:-1]).to(device)
     params = sum(p.numel() for p in model.parameters())
-    optimizer = optim.build_optimizer(model, cfg.optim, 8)
-    scheduler = optim.build_scheduler(optimizer, cfg.sched, 3)
-    forward = strategy.setup(model, optimizer, scheduler)
+    forward = strategy.setup(model, optim.Optimizers(cfg.optim, 8), optim.Schedule(cfg.sched, 3))
     # The peak of the training steps, not of setup (where every rank still builds the
     # whole model before the strategy shards it).
     if cuda:
@@ -123,7 +129,7 @@ def measure_case(case: str, layers: int, env: Env, live: Path) -> dict:
               "bytes_per_rank": [int(t[0].item()) for t in every],
               "resident_bytes_per_rank": [int(t[1].item()) for t in every]}  # fmt: skip
     # The engine goes before its process group, as in distnn.train (Strategy.close).
-    del forward, optimizer, scheduler, model
+    del forward, model
     strategy.close()
     gc.collect()
     return report

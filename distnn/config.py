@@ -142,29 +142,47 @@ class DistConfig:
 
 
 @dataclass
+class DDPConfig:
+    bucket_cap_mb: float = _f(25.0, "gradient bucket size, MiB")
+    gradient_as_bucket_view: bool = _f(True, "gradients alias the buckets (saves a copy)")
+    static_graph: bool = _f(False, "the graph is the same every step (enables optimisations)")
+    find_unused_parameters: bool = _f(False, "allow parameters that get no gradient")
+    broadcast_buffers: bool = _f(True, "rank 0's buffers (BN stats) sent every forward")
+    sync_batchnorm: bool = _f(False, "convert BatchNorm to SyncBatchNorm (CUDA)")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = _f(
+        2, "ZeRO stage (1 optimizer state, 2 +gradients, 3 +parameters sharded)"
+    )
+    offload_optimizer: Literal["none", "cpu"] = _f(
+        "none", "optimizer state and step on the CPU (ZeRO 1-3)"
+    )
+    offload_param: Literal["none", "cpu"] = _f("none", "parameters on the CPU (ZeRO 3)")
+    offload_pin_memory: bool = _f(True, "pinned CPU buffers for offload (CUDA)")
+    overlap_comm: bool = _f(False, "overlap gradient reduction with backward (ZeRO 2-3)")
+    contiguous_gradients: bool = _f(True, "copy gradients into one buffer")
+    reduce_bucket_size: int = _f(500_000_000, "elements per gradient reduction")
+    allgather_bucket_size: int = _f(500_000_000, "elements per parameter all-gather")
+    ds_config: str = _f("", "JSON merged over the generated config ('auto' = ours)")
+
+
+@dataclass
 class StrategyConfig:
     name: Literal["auto", "single", "ddp", "deepspeed"] = _f(
         "auto", "auto: ddp above one process, else single"
     )
-    bucket_cap_mb: float = _f(25.0, "ddp: gradient bucket size, MiB")
-    gradient_as_bucket_view: bool = _f(True, "ddp: gradients alias the buckets (saves a copy)")
-    static_graph: bool = _f(False, "ddp: the graph is the same every step (enables optimisations)")
-    find_unused_parameters: bool = _f(False, "ddp: allow parameters that get no gradient")
-    broadcast_buffers: bool = _f(True, "ddp: rank 0's buffers (BN stats) sent every forward")
-    sync_batchnorm: bool = _f(False, "ddp: convert BatchNorm to SyncBatchNorm")
-    zero_stage: Literal[0, 1, 2, 3] = _f(
-        2, "deepspeed: ZeRO stage (1 optimizer state, 2 +gradients, 3 +parameters sharded)"
-    )
-    offload_optimizer: Literal["none", "cpu"] = _f(
-        "none", "deepspeed: optimizer state and step on the CPU (ZeRO 1-3)"
-    )
-    offload_param: Literal["none", "cpu"] = _f("none", "deepspeed: parameters on the CPU (ZeRO 3)")
-    offload_pin_memory: bool = _f(True, "deepspeed: pinned CPU buffers for offload (CUDA)")
-    overlap_comm: bool = _f(False, "deepspeed: overlap gradient reduction with backward")
-    contiguous_gradients: bool = _f(True, "deepspeed: copy gradients into one buffer")
-    reduce_bucket_size: int = _f(500_000_000, "deepspeed: elements per gradient reduction")
-    allgather_bucket_size: int = _f(500_000_000, "deepspeed: elements per parameter all-gather")
-    ds_config: str = _f("", "deepspeed: JSON merged over the generated config ('auto' = ours)")
+    ddp: DDPConfig = _section(DDPConfig, "DistributedDataParallel")
+    deepspeed: DeepSpeedConfig = _section(DeepSpeedConfig, "DeepSpeed ZeRO")
+
+
+# Keys that moved into a strategy's own section: the old spelling gets one line naming the new.
+MOVED = {
+    f"strategy.{f.name}": f"strategy.{section}.{f.name}"
+    for section, cls in (("ddp", DDPConfig), ("deepspeed", DeepSpeedConfig))
+    for f in dataclasses.fields(cls)
+}
 
 
 @dataclass
@@ -307,6 +325,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _unknown_key(key: str, valid: list[str]) -> UserError:
+    if key in MOVED:
+        return UserError(f"config key {key!r} is now {MOVED[key]!r}")
     hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
     maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
     scope = key.rsplit(".", 1)[0] if "." in key else "the top level"

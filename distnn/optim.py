@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,13 +55,33 @@ def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.base_batch if cfg.scale_lr else cfg.lr
 
 
-def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, global_batch: int, head: str = ""
-) -> torch.optim.Optimizer:
-    cfg = dataclasses.replace(cfg, lr=peak_lr(cfg, global_batch))
-    head_lr = cfg.lr * cfg.head_lr_scale if cfg.head_lr_scale != 1.0 else None
-    groups = param_groups(model, cfg.weight_decay, head, head_lr)
-    return _OPTIMIZERS[cfg.name](groups, cfg)
+# A fused AdamW a strategy may put in torch's place: (groups, lr=, betas=, eps=) -> optimizer.
+AdamW = Callable[..., torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class Optimizers:
+    """The run's optimizer, built by the strategy over the parameters it exposes once it has
+    wrapped or sharded the model (a sharded model's parameters are not the built ones)."""
+
+    cfg: OptimConfig
+    global_batch: int
+    head: str = ""  # the classifier's module name, for optim.head_lr_scale
+
+    @property
+    def lr(self) -> float:
+        return peak_lr(self.cfg, self.global_batch)
+
+    def groups(self, model: nn.Module) -> list[dict]:
+        scale = self.cfg.head_lr_scale
+        head_lr = self.lr * scale if scale != 1.0 else None
+        return param_groups(model, self.cfg.weight_decay, self.head, head_lr)
+
+    def __call__(self, model: nn.Module, adamw: AdamW | None = None) -> torch.optim.Optimizer:
+        cfg = dataclasses.replace(self.cfg, lr=self.lr)
+        if adamw is not None and cfg.name == "adamw":
+            return adamw(self.groups(model), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return _OPTIMIZERS[cfg.name](self.groups(model), cfg)
 
 
 # Each schedule maps (steps since warmup, steps to decay over, config) to an LR multiplier.
@@ -86,7 +107,16 @@ def lr_factor(cfg: SchedConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+@dataclass(frozen=True)
+class Schedule:
+    """The LR schedule over `total_steps` optimizer steps, for whichever optimizer it drives."""
+
+    cfg: SchedConfig
+    total_steps: int
+
+    @property
+    def factor(self) -> Callable[[int], float]:
+        return lr_factor(self.cfg, self.total_steps)
+
+    def __call__(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)

@@ -94,9 +94,9 @@ def train(
         cfg, num_classes(cfg, loaders.classes), device, given_model, fresh=state is None
     )
     steps = total_steps(cfg, loaders)
-    global_batch = config.global_batch(cfg, env.world_size)
-    optimizer = optim.build_optimizer(model, cfg.optim, global_batch, head)
-    scheduler = optim.build_scheduler(optimizer, cfg.sched, steps)
+    optimizers = optim.Optimizers(cfg.optim, config.global_batch(cfg, env.world_size), head)
+    optimizers.groups(model)  # a bad optimizer setting is one line before the group forms
+    schedule = optim.Schedule(cfg.sched, steps)
     ckpt.discard_lost(state)
     start = state["position"]["step"] if state else 0
     done = finished(cfg, start) if start >= steps else None
@@ -114,7 +114,7 @@ def train(
     with dist.process_group(env, cfg.dist, alone=strategy.collective):
         forward = run = preemption = engine = None
         try:
-            forward = strategy.setup(model, optimizer, scheduler)
+            forward = strategy.setup(model, optimizers, schedule)
             seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
             run = monitor.Run(cfg, env, steps, start)
             run.message(f"strategy: {strategy.describe()}")
@@ -151,7 +151,7 @@ def train(
             finally:
                 # Nothing may hold the process group's work when the group goes (DeepSpeed's
                 # engine, collected at interpreter exit, sometimes aborts the process there).
-                del engine, forward, model, optimizer, scheduler
+                del engine, forward, model
                 strategy.close()
                 gc.collect()
     return summary

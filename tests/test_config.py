@@ -351,3 +351,14 @@ def test_data_source_is_a_builtin_or_an_import_path():
     assert config.load(None, ["data.source=mylab.data:Scans"]).data.source == "mylab.data:Scans"
     message = user_error(config.load, None, ["data.source=mylab.data"])
     assert "'mylab.data'" in message and "pkg.module:callable" in message
+
+
+def test_strategy_options_live_in_their_strategy_s_section():
+    cfg = config.load(None, ["strategy.deepspeed.zero_stage=3", "strategy.ddp.static_graph=true"])
+    assert cfg.strategy.deepspeed.zero_stage == 3 and cfg.strategy.ddp.static_graph
+    for old, new in (
+        ("zero_stage=3", "deepspeed.zero_stage"),
+        ("bucket_cap_mb=1", "ddp.bucket_cap_mb"),
+    ):
+        message = user_error(config.load, None, [f"strategy.{old}"])
+        assert message == f"config key 'strategy.{old.split('=')[0]}' is now 'strategy.{new}'"

@@ -246,8 +246,9 @@ def test_zero2_with_fused_adam_trains_as_torch_adamw(tmp_path):
     zero2 = tmp_path / "zero2"
     # The first use compiles FusedAdam (nvcc, about a minute) unless a cache holds it.
     r = launch(
-        zero2, *adamw, "strategy.name=deepspeed", "strategy.zero_stage=2", nproc=1, timeout=540
-    )
+        zero2, *adamw, "strategy.name=deepspeed", "strategy.deepspeed.zero_stage=2", nproc=1,
+        timeout=540,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ZeRO-2" in r.stdout and "optimizer FusedAdam" in r.stdout, r.stdout[-2000:]
     assert losses(zero2) == pytest.approx(losses(torch_run), rel=1e-4) and len(losses(zero2)) == 8

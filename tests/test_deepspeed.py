@@ -70,9 +70,9 @@ def test_zero_stage_matches_ddp(root, ddp, tmp_path, stage):
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
             "zero_optimization": {"stage": 1, "reduce_bucket_size": "auto"},
         }))  # fmt: skip
-        args = [f"strategy.ds_config={ds}"]
+        args = [f"strategy.deepspeed.ds_config={ds}"]
     else:
-        args = [f"strategy.zero_stage={stage}"]
+        args = [f"strategy.deepspeed.zero_stage={stage}"]
     run_dir, r = launch(root, f"zero{stage}", "train.batch_size=8", *ZERO, *args)
     assert f"strategy: deepspeed ZeRO-{stage}, optimizer SGD, schedule distnn's" in r.stdout
     assert len(losses(run_dir)) == 10
@@ -149,7 +149,7 @@ def test_ds_config_optimizer_follows_distnn_schedule(root, alone, tmp_path):
         "zero_optimization": {"stage": 2},
     }))  # fmt: skip
     r = run_cli("-m", "distnn.train", f"run.dir={root}", "run.name=lr_theirs", *COMMON,
-                *SCHEDULE, *ZERO, f"strategy.ds_config={ds}", timeout=240)  # fmt: skip
+                *SCHEDULE, *ZERO, f"strategy.deepspeed.ds_config={ds}", timeout=240)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "optimizer AdamW (ds_config), schedule distnn's sched.*" in r.stdout
     ours, theirs = lrs(alone), lrs(root / "lr_theirs")
@@ -164,7 +164,7 @@ def test_ds_config_optimizer_follows_distnn_schedule(root, alone, tmp_path):
                                                      "warmup_max_lr": 0.002}},
     }))  # fmt: skip
     r = run_cli("-m", "distnn.train", f"run.dir={root}", "run.name=lr_ds", *COMMON, *SCHEDULE,
-                *ZERO, f"strategy.ds_config={ds}", timeout=240)  # fmt: skip
+                *ZERO, f"strategy.deepspeed.ds_config={ds}", timeout=240)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "schedule WarmupLR (ds_config; sched.* off)" in r.stdout
     assert lrs(root / "lr_ds")[-1] == pytest.approx(0.002)  # WarmupLR holds: no cosine on top
@@ -197,7 +197,7 @@ def test_zero2_bf16_learns(root):
 def test_zero2_optimizer_offload_uses_cpu_adam_and_matches_adamw(root, make_cfg):
     adamw = ["optim.name=adamw", "optim.lr=0.003"]
     run_dir, r = launch(root, "offload", "train.batch_size=8", *ZERO, *adamw,
-                        "strategy.offload_optimizer=cpu")  # fmt: skip
+                        "strategy.deepspeed.offload_optimizer=cpu")  # fmt: skip
     assert "ZeRO-2 (offload_optimizer to cpu), optimizer DeepSpeedCPUAdam" in r.stdout
     # One process with the global batch is what DDP computes (tests/test_distributed.py).
     ref = make_cfg("run.name=adamw", *COMMON, *adamw, "train.batch_size=16")
@@ -212,7 +212,7 @@ def test_zero2_optimizer_offload_uses_cpu_adam_and_matches_adamw(root, make_cfg)
 
 @pytest.mark.timeout(600)
 def test_zero3_crash_resume_matches_uninterrupted_then_exports(root, tmp_path):
-    base = ["train.batch_size=8", *ZERO, "strategy.zero_stage=3", "ckpt.every_steps=4"]
+    base = ["train.batch_size=8", *ZERO, "strategy.deepspeed.zero_stage=3", "ckpt.every_steps=4"]
     whole, _ = launch(root, "zero3_whole", *base)
     # Rank 1 dies after step 6; torchrun restarts the group, which resumes from step 4.
     run_dir, r = launch(root, "zero3_crash", *base, restarts=1,
@@ -260,9 +260,10 @@ def test_deepspeed_launcher_runs_the_same_command(root):
 
 
 def test_generated_config_follows_distnn(make_cfg):
-    cfg = make_cfg("strategy.name=deepspeed", "strategy.zero_stage=3", "train.batch_size=8",
-                   "train.accum_steps=4", "precision=bf16", "train.clip_grad_norm=1.5",
-                   "strategy.offload_param=cpu", "strategy.offload_optimizer=cpu")  # fmt: skip
+    cfg = make_cfg("strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3",
+                   "train.batch_size=8", "train.accum_steps=4", "precision=bf16",
+                   "train.clip_grad_norm=1.5", "strategy.deepspeed.offload_param=cpu",
+                   "strategy.deepspeed.offload_optimizer=cpu")  # fmt: skip
     ds = deepspeed_config.build(cfg, world_size=4)
     assert ds["train_batch_size"] == 8 * 4 * 4
     assert ds["train_micro_batch_size_per_gpu"] == 8
@@ -283,9 +284,10 @@ def test_user_config_auto_values_and_conflicts(make_cfg, tmp_path):
         "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"},
         "bf16": {"enabled": "auto"}, "optimizer": {"type": "Adam", "params": {"lr": "auto"}},
     }))  # fmt: skip
-    common = ["strategy.name=deepspeed", "train.accum_steps=2", "strategy.reduce_bucket_size=7"]
-    ds = deepspeed_config.build(make_cfg(*common, "train.batch_size=8",
-                                         f"strategy.ds_config={user}"), world_size=2)  # fmt: skip
+    common = ["strategy.name=deepspeed", "train.accum_steps=2",
+              "strategy.deepspeed.reduce_bucket_size=7",
+              f"strategy.deepspeed.ds_config={user}"]  # fmt: skip
+    ds = deepspeed_config.build(make_cfg(*common, "train.batch_size=8"), world_size=2)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["zero_optimization"]["stage"] == 3  # the user's explicit value wins
     assert ds["zero_optimization"]["reduce_bucket_size"] == 7  # "auto": distnn's
@@ -299,15 +301,14 @@ def test_user_config_auto_values_and_conflicts(make_cfg, tmp_path):
     with pytest.raises(UserError, match=r"scheduler.params.x='auto' but distnn has no value"):
         deepspeed_config.merge(ds, {"scheduler": {"params": {"x": "auto"}}})
     with pytest.raises(UserError, match=r"train_batch_size=32.*gives 48"):
-        deepspeed_config.build(make_cfg(*common, "train.batch_size=12",
-                                        f"strategy.ds_config={user}"), world_size=2)  # fmt: skip
+        deepspeed_config.build(make_cfg(*common, "train.batch_size=12"), world_size=2)
 
 
 def test_conflicting_batch_size_is_one_line_before_any_process_group(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 256, "train_micro_batch_size_per_gpu": "auto"}))
     r = run_cli("-m", "distnn.train", f"run.dir={tmp_path}", *FAST, "train.batch_size=32",
-                "strategy.name=deepspeed", f"strategy.ds_config={ds}")  # fmt: skip
+                "strategy.name=deepspeed", f"strategy.deepspeed.ds_config={ds}")  # fmt: skip
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -318,8 +319,8 @@ def test_conflicting_batch_size_is_one_line_before_any_process_group(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "user_json", "expected"),
     [
-        (["strategy.zero_stage=1", "strategy.overlap_comm=true"], None,
-         "strategy.overlap_comm=true needs strategy.zero_stage 2 or 3 (got 1)"),
+        (["strategy.deepspeed.zero_stage=1", "strategy.deepspeed.overlap_comm=true"], None,
+         "strategy.deepspeed.overlap_comm=true needs strategy.deepspeed.zero_stage 2 or 3 (got 1)"),
         ([], {"bf16": {"enabled": True}, "fp16": {"enabled": True}},
          "DeepSpeed refuses the config built from strategy.*: AssertionError: bfloat16 and fp16"),
     ],
@@ -330,7 +331,7 @@ def test_deepspeed_refusals_are_one_line_before_any_process_group(
     """What DeepSpeed would stop with a bare AssertionError on every rank, after the group."""
     if user_json is not None:
         (tmp_path / "ds.json").write_text(json.dumps(user_json))
-        overrides = [*overrides, f"strategy.ds_config={tmp_path / 'ds.json'}"]
+        overrides = [*overrides, f"strategy.deepspeed.ds_config={tmp_path / 'ds.json'}"]
     r = run_cli("-m", "distnn.train", f"run.dir={tmp_path}", *FAST, "strategy.name=deepspeed",
                 *overrides)  # fmt: skip
     assert r.returncode == 2, r.stderr
@@ -343,13 +344,22 @@ def test_deepspeed_refusals_are_one_line_before_any_process_group(
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["strategy.offload_param=cpu"], "needs strategy.zero_stage=3"),
-        (["strategy.zero_stage=0", "strategy.offload_optimizer=cpu"], "zero_stage 1, 2 or 3"),
+        (["strategy.deepspeed.offload_param=cpu"], "needs strategy.deepspeed.zero_stage=3"),
+        (
+            ["strategy.deepspeed.zero_stage=0", "strategy.deepspeed.offload_optimizer=cpu"],
+            "zero_stage 1, 2 or 3",
+        ),
         (["train.nonfinite=skip"], "train.nonfinite=raise"),
-        (["strategy.ds_config=/nonexistent.json"], "/nonexistent.json"),
-        (["strategy.zero_stage=1", "strategy.overlap_comm=true"], "overlap_comm=true needs"),
-        (["strategy.zero_stage=0", "strategy.overlap_comm=true"], "overlap_comm=true needs"),
-        (["strategy.zero_stage=3", "log.tensorboard_graph=true"], "tensorboard_graph"),
+        (["strategy.deepspeed.ds_config=/nonexistent.json"], "/nonexistent.json"),
+        (
+            ["strategy.deepspeed.zero_stage=1", "strategy.deepspeed.overlap_comm=true"],
+            "overlap_comm=true needs",
+        ),
+        (
+            ["strategy.deepspeed.zero_stage=0", "strategy.deepspeed.overlap_comm=true"],
+            "overlap_comm=true needs",
+        ),
+        (["strategy.deepspeed.zero_stage=3", "log.tensorboard_graph=true"], "tensorboard_graph"),
     ],
 )
 def test_unsupported_combinations_are_refused(make_cfg, overrides, expected):

@@ -132,14 +132,14 @@ def test_fp16_scaler_skips_overflows_and_discard_shrinks_the_scale():
     """The GradScaler path (real torch.amp.GradScaler, run on CPU tensors): an overflowing step
     is skipped and halves the scale; dropping a non-finite step (train.nonfinite=skip) after
     the gradients were unscaled works twice in a row and shrinks the scale too."""
+    from distnn.optim import Optimizers, Schedule
     from distnn.parallel.single import SingleProcess
     from distnn.precision import Precision
 
     model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    sgd = config.OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.0)
     strategy = SingleProcess(Precision("fp16", torch.device("cpu")))
-    strategy.setup(model, optimizer, scheduler)
+    strategy.setup(model, Optimizers(sgd, 1), Schedule(config.SchedConfig(name="constant"), 9))
     scale = strategy.scaler.get_scale()
 
     def backward(value: float) -> torch.Tensor:
@@ -165,9 +165,9 @@ def test_sync_batchnorm_on_cpu_is_refused_before_training(make_cfg):
     from distnn.parallel.env import Env
 
     env = Env(world_size=2, local_world_size=2, launcher="torchrun")
-    cfg = make_cfg("strategy.sync_batchnorm=true")
+    cfg = make_cfg("strategy.ddp.sync_batchnorm=true")
     cpu = torch.device("cpu")
-    with pytest.raises(UserError, match=r"strategy.sync_batchnorm=true needs GPUs"):
+    with pytest.raises(UserError, match=r"strategy.ddp.sync_batchnorm=true needs GPUs"):
         parallel.build(cfg, env, cpu, precision.build("fp32", cpu))
 
 

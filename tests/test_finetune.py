@@ -10,7 +10,7 @@ import torch
 from distnn import checkpoint, config, models
 from distnn.data import digits
 from distnn.errors import UserError
-from distnn.optim import build_optimizer
+from distnn.optim import Optimizers
 from distnn.train import train
 from tests.conftest import FAST, run_cli
 
@@ -113,7 +113,7 @@ def test_freeze_and_head_learning_rate(pretrained):
     torch.manual_seed(0)
     model, head, notes = models.prepare(cfg, 5, torch.device("cpu"))
     assert "frozen: 6 parameter tensors under features" in notes
-    groups = build_optimizer(model, cfg.optim, 32, head).param_groups
+    groups = Optimizers(cfg.optim, 32, head)(model).param_groups
     assert [g["lr"] for g in groups] == pytest.approx([0.03, 0.03, 0.3, 0.3])
     assert sum(len(g["params"]) for g in groups[2:]) == 2  # classifier.3's weight and bias
     train(cfg)

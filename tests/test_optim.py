@@ -21,8 +21,8 @@ def test_no_weight_decay_on_norms_and_biases():
 
 def _lrs(*overrides: str, total: int = 100, batch: int = 256) -> list[float]:
     cfg = config.load(None, list(overrides))
-    opt = optim.build_optimizer(torch.nn.Linear(2, 2), cfg.optim, batch)
-    sched = optim.build_scheduler(opt, cfg.sched, total)
+    opt = optim.Optimizers(cfg.optim, batch)(torch.nn.Linear(2, 2))
+    sched = optim.Schedule(cfg.sched, total)(opt)
     lrs = []
     for _ in range(total):
         lrs.append(opt.param_groups[0]["lr"])
@@ -54,6 +54,6 @@ def test_linear_lr_scaling_by_global_batch():
 
 def test_adamw_uses_its_settings():
     cfg = config.load(None, ["optim.name=adamw", "optim.betas=0.8,0.95", "optim.lr=3e-4"])
-    opt = optim.build_optimizer(torch.nn.Linear(2, 2), cfg.optim, 256)
+    opt = optim.Optimizers(cfg.optim, 256)(torch.nn.Linear(2, 2))
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.param_groups[0]["betas"] == (0.8, 0.95) and opt.param_groups[0]["lr"] == 3e-4

@@ -17,7 +17,7 @@ from distnn.precision import Precision
 
 _REGISTRY: dict[str, Callable[[Config, Env, torch.device, Precision], Strategy]] = {
     "single": lambda cfg, env, device, precision: SingleProcess(precision),
-    "ddp": lambda cfg, env, device, precision: DDP(precision, cfg.strategy, device),
+    "ddp": lambda cfg, env, device, precision: DDP(precision, cfg.strategy.ddp, device),
     "deepspeed": lambda cfg, env, device, precision: DeepSpeed(cfg, env, precision, device),
 }
 

@@ -11,7 +11,7 @@ import torch.distributed as td
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distnn.config import StrategyConfig
+from distnn.config import DDPConfig
 from distnn.errors import UserError
 from distnn.parallel.single import SingleProcess
 from distnn.precision import Precision
@@ -27,20 +27,19 @@ _SYNC_BUFFERS = (
 class DDP(SingleProcess):
     collective = True  # torchrun --nproc_per_node=1 strategy.name=ddp: a group of one
 
-    def __init__(self, precision: Precision, cfg: StrategyConfig, device: torch.device) -> None:
+    def __init__(self, precision: Precision, cfg: DDPConfig, device: torch.device) -> None:
         super().__init__(precision)
         if cfg.sync_batchnorm and device.type == "cpu":
             raise UserError(
-                "strategy.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU "
-                "path); set strategy.sync_batchnorm=false on CPU"
+                "strategy.ddp.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU "
+                "path); set it to false on CPU"
             )
         self.cfg, self.device = cfg, device
         self.ddp: DistributedDataParallel | None = None
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.sync_batchnorm:
-            # Batch statistics over the global batch, not each rank's slice of it. The
-            # optimizer keeps pointing at the same parameter objects: conversion moves them.
+            # Batch statistics over the global batch, not each rank's slice of it.
             self.model = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.ddp = DistributedDataParallel(
             model,

@@ -11,6 +11,7 @@ rank, inside distnn's checkpoint directory (checkpoint.Manager makes that atomic
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -25,6 +26,7 @@ from torch import nn
 
 from distnn.config import Config
 from distnn.errors import UserError, reason
+from distnn.optim import AdamW, Optimizers, Schedule
 from distnn.parallel import deepspeed_config
 from distnn.parallel.dist import barrier
 from distnn.parallel.env import Env
@@ -109,13 +111,11 @@ def _check(cfg: Config) -> None:
         raise UserError(
             "model.compile=true is not available with strategy.name=deepspeed; set it to false"
         )
-    if cfg.strategy.sync_batchnorm:
-        raise UserError("strategy.sync_batchnorm is a ddp option; set it to false with deepspeed")
-    if cfg.log.tensorboard_graph and cfg.strategy.zero_stage == 3:
+    if cfg.log.tensorboard_graph and cfg.strategy.deepspeed.zero_stage == 3:
         # The trace is a forward on rank 0 alone; under ZeRO-3 it gathers parameters in
         # collectives no other rank joins.
         raise UserError(
-            "log.tensorboard_graph=true is not available with strategy.zero_stage=3; "
+            "log.tensorboard_graph=true is not available with strategy.deepspeed.zero_stage=3; "
             "set it to false or use zero_stage 0-2"
         )
 
@@ -134,8 +134,8 @@ def _check_engine_config(ds_config: dict[str, Any], world_size: int) -> None:
         # accumulation boundary, and DeepSpeed overlaps that way only while it partitions
         # gradients.
         raise UserError(
-            f"strategy.overlap_comm=true needs strategy.zero_stage 2 or 3 (got "
-            f"{zero.get('stage', 0)}): set strategy.overlap_comm=false or raise the stage"
+            f"strategy.deepspeed.overlap_comm=true needs strategy.deepspeed.zero_stage 2 or 3 (got "
+            f"{zero.get('stage', 0)}): set strategy.deepspeed.overlap_comm=false or raise the stage"
         )
     try:  # as DeepSpeedConfig asks
         seen = comm.get_world_size()
@@ -180,9 +180,7 @@ class DeepSpeed:
 
     # --- setup ----------------------------------------------------------------------------
 
-    def setup(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> nn.Module:
+    def setup(self, model: nn.Module, optimizers: Optimizers, schedule: Schedule) -> nn.Module:
         if self.nchw:
             # DeepSpeed views each parameter's bytes (its broadcast, ZeRO's flat buffers),
             # which needs a last stride of 1: channels_last weights fail there.
@@ -198,53 +196,40 @@ class DeepSpeed:
             optimizer = None
             self.optimizer_name = f"{self.ds_config['optimizer'].get('type')} (ds_config)"
         else:
-            optimizer = self._optimizer(optimizer)
+            optimizer = optimizers(model, self._fused_adamw())
+            self.optimizer_name = type(optimizer).__name__
         with _quiet():
             self.engine, *_ = self.deepspeed.initialize(
                 model=model,
                 optimizer=optimizer,
-                lr_scheduler=self._schedule(scheduler),
+                lr_scheduler=self._schedule(schedule),
                 config=self.ds_config,
                 dist_init_required=False,
             )
         return self.engine
 
-    def _schedule(self, scheduler: Any) -> Any:
-        """The LR schedule for whichever optimizer DeepSpeed ends up stepping: distnn's, as a
-        factory DeepSpeed applies to that optimizer (the scheduler distnn built is bound to the
-        torch optimizer, which a ds_config optimizer or a fused AdamW replaces), or, where the
-        user's JSON has a "scheduler" section, none: then DeepSpeed's alone drives the LR."""
+    def _schedule(self, schedule: Schedule) -> Schedule | None:
+        """The LR schedule for whichever optimizer DeepSpeed ends up stepping (a ds_config
+        optimizer is built inside initialize): distnn's, as a factory DeepSpeed applies to it,
+        or, where the user's JSON has a "scheduler" section, none: then DeepSpeed's alone
+        drives the LR."""
         if "scheduler" in self.ds_config:
             self.schedule = f"{self.ds_config['scheduler'].get('type')} (ds_config; sched.* off)"
             return None
-        factor = scheduler.lr_lambdas[0]  # optim.build_scheduler: one factor for every group
-        return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return schedule
 
-    def _optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """distnn's optimizer, or DeepSpeed's fused version of the same AdamW where it has
-        one: DeepSpeedCPUAdam when the optimizer is offloaded, FusedAdam on CUDA."""
-        offload = self.cfg.strategy.offload_optimizer != "none"
-        if not isinstance(optimizer, torch.optim.AdamW) or not (
-            offload or self.device.type == "cuda"
-        ):
-            self.optimizer_name = type(optimizer).__name__
-            return optimizer
-        d = optimizer.defaults
-        # Each group keeps its weight decay; "initial_lr" is the peak LR the schedule scales.
-        groups = [
-            {"params": g["params"], "weight_decay": g["weight_decay"], "lr": g["initial_lr"]}
-            for g in optimizer.param_groups
-        ]
-        if offload:
+    def _fused_adamw(self) -> AdamW | None:
+        """DeepSpeed's fused AdamW where it has one for this run: DeepSpeedCPUAdam when the
+        optimizer is offloaded, FusedAdam on CUDA; elsewhere torch's."""
+        if self.cfg.strategy.deepspeed.offload_optimizer != "none":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            fused = DeepSpeedCPUAdam(groups, betas=d["betas"], eps=d["eps"], adamw_mode=True)
-        else:
+            return functools.partial(DeepSpeedCPUAdam, adamw_mode=True)
+        if self.device.type == "cuda":
             from deepspeed.ops.adam import FusedAdam
 
-            fused = FusedAdam(groups, betas=d["betas"], eps=d["eps"], adam_w_mode=True)
-        self.optimizer_name = type(fused).__name__
-        return fused
+            return functools.partial(FusedAdam, adam_w_mode=True)
+        return None
 
     # --- the step -------------------------------------------------------------------------
 
@@ -319,7 +304,8 @@ class DeepSpeed:
         if state["zero_stage"] != stage:  # (the world size was checked before the group formed)
             raise UserError(
                 f"checkpoint {state['shards']!r} holds ZeRO-{state['zero_stage']} shards, this "
-                f"run is ZeRO-{stage}: resume with strategy.zero_stage={state['zero_stage']}"
+                f"run is ZeRO-{stage}: resume with "
+                f"strategy.deepspeed.zero_stage={state['zero_stage']}"
             )
         with _quiet():
             path, _ = self.engine.load_checkpoint(state["shards"], tag=TAG)

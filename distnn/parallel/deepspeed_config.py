@@ -1,8 +1,8 @@
 """The DeepSpeed config, derived from distnn's: one source of truth for batch sizes.
 
-A user's JSON (`strategy.ds_config`, e.g. from DeepSpeedExamples) is merged over the generated
-config: `"auto"` values take ours, other values win, except the batch sizes, which must agree
-with world size × train.batch_size × train.accum_steps or the run is refused.
+A user's JSON (`strategy.deepspeed.ds_config`, e.g. from DeepSpeedExamples) is merged over the
+generated config: `"auto"` values take ours, other values win, except the batch sizes, which
+must agree with world size × train.batch_size × train.accum_steps or the run is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ _UNMANAGED = {"managed_gradient_accumulation": False}
 
 
 def generate(cfg: Config, world_size: int) -> dict[str, Any]:
-    s, t = cfg.strategy, cfg.train
+    s, t = cfg.strategy.deepspeed, cfg.train
     zero: dict[str, Any] = {
         "stage": s.zero_stage,
         "overlap_comm": s.overlap_comm,
@@ -70,7 +70,7 @@ def _fill(user: Any, ours: Any, path: str) -> Any:
     if user == "auto":
         if ours is None:
             raise UserError(
-                f"strategy.ds_config sets {path}='auto' but distnn has no value for it; "
+                f"strategy.deepspeed.ds_config sets {path}='auto' but distnn has no value for it; "
                 "set it explicitly"
             )
         return ours
@@ -95,8 +95,8 @@ def merge(generated: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
         theirs = user.get(key, "auto")
         if theirs != "auto" and theirs != generated[key]:
             raise UserError(
-                f"strategy.ds_config sets {key}={theirs!r}, but distnn's {ours_from} gives "
-                f'{generated[key]}; set it to "auto" or change distnn\'s config'
+                f"strategy.deepspeed.ds_config sets {key}={theirs!r}, but distnn's {ours_from} "
+                f'gives {generated[key]}; set it to "auto" or change distnn\'s config'
             )
     merged = _fill(user, generated, "")
     merged.update(_UNMANAGED)
@@ -106,31 +106,34 @@ def merge(generated: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
 def read_user(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"strategy.ds_config={path!r} does not exist")
+        raise UserError(f"strategy.deepspeed.ds_config={path!r} does not exist")
     try:
         user = json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"strategy.ds_config={path!r} is not valid JSON: {e}") from None
+        raise UserError(f"strategy.deepspeed.ds_config={path!r} is not valid JSON: {e}") from None
     if not isinstance(user, dict):
-        raise UserError(f"strategy.ds_config={path!r} must hold a JSON object")
+        raise UserError(f"strategy.deepspeed.ds_config={path!r} must hold a JSON object")
     return user
 
 
 def build(cfg: Config, world_size: int) -> dict[str, Any]:
     """The config handed to deepspeed.initialize."""
-    if cfg.strategy.offload_param != "none" and cfg.strategy.zero_stage != 3:
+    ds = cfg.strategy.deepspeed
+    if ds.offload_param != "none" and ds.zero_stage != 3:
         raise UserError(
-            f"strategy.offload_param={cfg.strategy.offload_param} needs strategy.zero_stage=3 "
-            f"(got {cfg.strategy.zero_stage}): only ZeRO-3 partitions parameters"
+            f"strategy.deepspeed.offload_param={ds.offload_param} needs "
+            f"strategy.deepspeed.zero_stage=3 (got {ds.zero_stage}): only ZeRO-3 partitions "
+            "parameters"
         )
-    if cfg.strategy.offload_optimizer != "none" and cfg.strategy.zero_stage == 0:
+    if ds.offload_optimizer != "none" and ds.zero_stage == 0:
         raise UserError(
-            "strategy.offload_optimizer=cpu needs strategy.zero_stage 1, 2 or 3 (got 0)"
+            "strategy.deepspeed.offload_optimizer=cpu needs strategy.deepspeed.zero_stage 1, 2 "
+            "or 3 (got 0)"
         )
     ours = generate(cfg, world_size)
-    if not cfg.strategy.ds_config:
+    if not cfg.strategy.deepspeed.ds_config:
         return ours
-    user = read_user(cfg.strategy.ds_config)
+    user = read_user(cfg.strategy.deepspeed.ds_config)
     if "optimizer" in user:  # DeepSpeed's own optimizer: "auto" hyperparameters are distnn's
         o = cfg.optim
         ours["optimizer"] = {

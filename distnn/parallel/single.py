@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distnn.optim import Optimizers, Schedule
 from distnn.precision import Precision
 
 
@@ -25,11 +26,12 @@ class SingleProcess:
     def describe(self) -> str:
         return f"single process, precision {self.precision.name}"
 
-    def setup(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> nn.Module:
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        return self.wrap(model)
+    def setup(self, model: nn.Module, optimizers: Optimizers, schedule: Schedule) -> nn.Module:
+        self.model = model
+        forward = self.wrap(model)  # may replace self.model's layers (SyncBatchNorm)
+        self.optimizer = optimizers(self.model)
+        self.scheduler = schedule(self.optimizer)
+        return forward
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model

@@ -10,6 +10,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from distnn.optim import Optimizers, Schedule
+
 
 class Strategy(Protocol):
     """What engine.py calls; it never asks which strategy it holds."""
@@ -24,10 +26,9 @@ class Strategy(Protocol):
     def describe(self) -> str:
         """One line for the run log: the strategy and its main settings."""
 
-    def setup(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> nn.Module:
-        """Wrap the model for this strategy; return the module to call forward on."""
+    def setup(self, model: nn.Module, optimizers: Optimizers, schedule: Schedule) -> nn.Module:
+        """Wrap (or shard) the model, then build the optimizer over the parameters that
+        exposes and the schedule over the optimizer; return the module to call forward on."""
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Context for micro-batches whose gradients must not be reduced yet."""
