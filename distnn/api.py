@@ -51,6 +51,8 @@ def fit(
     default: data.source. Bad input raises distnn.errors.UserError (one line)."""
     from distnn.train import train  # the whole trainer, only once a run is asked for
 
+    if isinstance(overrides, str):
+        raise UserError(f"distnn.fit takes overrides as a list of key=value, got {overrides!r}")
     if (train_data is None) != (val_data is None):
         raise UserError("distnn.fit takes train_data and val_data together (or neither)")
     extra = []

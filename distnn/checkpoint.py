@@ -263,6 +263,10 @@ def check_compatible(
     checks = [
         ("model.name", cfg.model.name, saved["model"]["name"]),
         ("model.kwargs", cfg.model.kwargs, saved["model"].get("kwargs", {})),
+        # The optimizer's parameter groups follow these: another split cannot load its state.
+        ("model.freeze", cfg.model.freeze, saved["model"].get("freeze", [])),
+        ("model.head", cfg.model.head, saved["model"].get("head", "")),
+        ("optim.head_lr_scale", cfg.optim.head_lr_scale, saved["optim"].get("head_lr_scale", 1.0)),
         ("data.image_size", cfg.data.image_size, saved["data"]["image_size"]),
         ("number of classes", len(classes), len(state["classes"])),
     ]

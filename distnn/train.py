@@ -97,7 +97,6 @@ def train(
     optimizers = optim.Optimizers(cfg.optim, config.global_batch(cfg, env.world_size), head)
     optimizers.groups(model)  # a bad optimizer setting is one line before the group forms
     schedule = optim.Schedule(cfg.sched, steps)
-    ckpt.discard_lost(state)
     start = state["position"]["step"] if state else 0
     done = finished(cfg, start) if start >= steps else None
     if done is not None:  # nothing is written: the run directory stays as the run left it
@@ -110,6 +109,7 @@ def train(
         return done
 
     strategy = parallel.build(cfg, env, device, precision)
+    ckpt.discard_lost(state)  # after every check of the input: a refused run removes nothing
 
     with dist.process_group(env, cfg.dist, alone=strategy.collective):
         forward = run = preemption = engine = None

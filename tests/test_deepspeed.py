@@ -323,6 +323,8 @@ def test_conflicting_batch_size_is_one_line_before_any_process_group(tmp_path):
          "strategy.deepspeed.overlap_comm=true needs strategy.deepspeed.zero_stage 2 or 3 (got 1)"),
         ([], {"bf16": {"enabled": True}, "fp16": {"enabled": True}},
          "DeepSpeed refuses the config built from strategy.*: AssertionError: bfloat16 and fp16"),
+        (["optim.head_lr_scale=10"], {"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}},
+         "optim.head_lr_scale needs distnn's optimizer; the ds_config names DeepSpeed's (AdamW)"),
     ],
 )  # fmt: skip
 def test_deepspeed_refusals_are_one_line_before_any_process_group(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 
 import pytest
@@ -81,7 +82,13 @@ def test_every_weights_format_loads_the_same(pretrained, tmp_path):
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in plain.items()}}, wrapped)
     save_file(plain, tmp_path / "w.safetensors")
     step_file = checkpoint.Manager(config.CkptConfig(), root / "pre", False).saved()[-1]
-    sources = [export, wrapped, tmp_path / "w.safetensors", root / "pre", step_file]
+    # timm's train checkpoints: the state_dict beside argparse options (not tensors only).
+    timm_style = tmp_path / "timm.pth.tar"
+    torch.save({"state_dict": plain, "args": argparse.Namespace(lr=0.1), "epoch": 3}, timm_style)
+    nested = tmp_path / "nested.pt"
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in plain.items()}}, nested)
+    sources = [export, wrapped, tmp_path / "w.safetensors", root / "pre", step_file, timm_style,
+               nested]  # fmt: skip
     for source in sources:
         torch.manual_seed(0)
         model, _, _ = models.prepare(five(pretrained, f"model.init_from={source}"), 5,
@@ -97,8 +104,8 @@ def test_weights_of_another_architecture_are_one_line(pretrained, tmp_path):
     assert r.returncode == 2
     [line] = r.stderr.splitlines()
     assert line.startswith(f"error: model.init_from='{export}'"), line
-    assert line.endswith("'features.0.weight' has shape (32, 3, 5, 5) there, (6, 3, 5, 5) in "
-                         "this model"), line  # lenet5's first conv  # fmt: skip
+    # lenet5's first conv
+    assert "'features.0.weight' has shape (32, 3, 5, 5) there, (6, 3, 5, 5) in this model" in line
     torch.save({"features.0.weight": torch.zeros(7, 3, 5, 5)}, tmp_path / "bad.pt")
     with pytest.raises(UserError, match=r"'features.0.weight' has shape \(7, 3, 5, 5\) there, "
                                         r"\(32, 3, 5, 5\) in this model"):  # fmt: skip
@@ -123,6 +130,11 @@ def test_freeze_and_head_learning_rate(pretrained):
     assert not torch.equal(after["classifier.1.weight"], saved["classifier.1.weight"])
     with pytest.raises(UserError, match=r"model\.freeze='backbone' matches no parameter"):
         models.prepare(five(pretrained, "model.freeze=backbone"), 5, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"leaves no parameter to train"):
+        models.prepare(five(pretrained, "model.freeze=features,classifier"), 5, torch.device("cpu"))
+    # The optimizer's groups follow the freeze: resuming with another is one line.
+    with pytest.raises(UserError, match=r"trained with model\.freeze=\['features'\], this run"):
+        train(config.load(cfg, ["model.freeze=classifier", "train.max_steps=4"]))
 
 
 def test_resume_takes_the_run_s_checkpoint_not_init_from(pretrained, tmp_path, capsys):

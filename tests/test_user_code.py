@@ -251,6 +251,58 @@ def test_user_dataset_samples_are_checked(make_cfg, package):
         custom.from_datasets([(rgb, 0)], [(rgb, 0)], None, "python")
     train_split = custom.from_datasets([(rgb, 0)], [(rgb, 1)], 2, "python")
     assert train_split.classes == ["0", "1"]
+    with pytest.raises(UserError, match=r"train sample 0: KeyError: 'image'"):
+        custom.from_datasets(Broken(), [(rgb, 0)], 2, "python")
+    with pytest.raises(UserError, match=r"not a map-style dataset"):
+        custom.from_datasets(Stream(), [(rgb, 0)], 2, "python")
+
+
+class Broken(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        raise KeyError("image")
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __iter__(self):
+        return iter([])
+
+
+class Flaky(torch.utils.data.Dataset):
+    """Stripes whose sample 5 cannot be read."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        from examples.own_model_and_data import Stripes
+
+        self.inner, self.classes = Stripes(n, seed), Stripes.classes
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        if i == 5:
+            raise OSError("disk says no")
+        return self.inner[i]
+
+
+def test_unreadable_samples_of_a_user_dataset_follow_data_on_error(tmp_path):
+    import distnn
+    from distnn.monitor import read_metrics
+    from examples.own_model_and_data import TwoLayerNet
+
+    overrides = [f"run.dir={tmp_path}", *FAST, "train.max_steps=4", "train.batch_size=16",
+                 "train.log_every=1"]  # fmt: skip
+    data = {"model": TwoLayerNet, "train_data": Flaky(64, 0), "val_data": Flaky(32, 1)}
+    summary = distnn.fit(None, [*overrides, "run.name=skip"], **data)
+    assert summary["steps"] == 4
+    assert max(r.get("data_errors", 0) for r in read_metrics(tmp_path / "skip")) >= 1
+    with pytest.raises(UserError, match=r"sample 5: OSError: disk says no"):
+        distnn.fit(None, [*overrides, "run.name=raise", "data.on_error=raise"], **data)
 
 
 @pytest.mark.timeout(120)

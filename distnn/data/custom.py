@@ -7,6 +7,7 @@ Images may be PIL images, HWC uint8 arrays (or HW, grayscale) or CHW uint8 tenso
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sized
 from typing import Any
 
@@ -96,7 +97,8 @@ def classes(train: Any, num_classes: int | None, source: str, option: str) -> li
 
 def check_map_style(datasets: dict[str, Any], source: str) -> None:
     for split, ds in datasets.items():
-        if not isinstance(ds, Sized) or not hasattr(ds, "__getitem__"):
+        iterable = isinstance(ds, torch.utils.data.IterableDataset)
+        if iterable or not isinstance(ds, Sized) or not hasattr(ds, "__getitem__"):
             raise UserError(
                 f"{source}: the {split} dataset is a {type(ds).__name__}, not a map-style "
                 "dataset (__len__ and __getitem__)"
@@ -127,14 +129,19 @@ def from_datasets(train: Any, val: Any, num_classes: int | None, source: str) ->
     for split, s in zip(("train", "val"), splits, strict=True):
         try:
             s.sample(0)
-        except SampleError as e:
-            raise UserError(f"{where}: {split} sample 0: {e}") from None
+        except Exception as e:  # the user's __getitem__ may raise anything
+            raise UserError(f"{where}: {split} sample 0: {reason(e)}") from None
     return Dataset(source, *splits, names, stats(train, "mean"), stats(train, "std"))
 
 
 def open_split(cfg: DataConfig, split: str) -> Any:
     """The dataset `cfg.source` names, for one split ("train" or "val")."""
     factory = imports.resolve(cfg.source, KEY)
+    # A dataset that splits or subsamples at random does so alike on every rank, in every
+    # worker that opens it and after every restart.
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
     try:
         return factory(split=split, root=cfg.root, **cfg.kwargs)
     except UserError:

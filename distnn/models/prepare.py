@@ -53,6 +53,8 @@ def freeze(model: nn.Module, prefixes: list[str]) -> int:
         if any(n == pre or n.startswith(pre + ".") for pre in prefixes):
             p.requires_grad_(False)
             frozen += 1
+    if frozen == len(names):
+        raise UserError(f"model.freeze={','.join(prefixes)} leaves no parameter to train")
     return frozen
 
 

@@ -28,29 +28,31 @@ def read(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{KEY}={str(path)!r} does not exist")
-    if path.is_dir() or path.with_suffix(".json").is_file():
-        return checkpoint.model_state(checkpoint.load_any(path))  # distnn's own
+    if path.is_dir():  # a run directory or a directory checkpoint: distnn's own
+        try:
+            return checkpoint.model_state(checkpoint.load_file(path))
+        except UserError as e:
+            raise UserError(f"{KEY}={str(path)!r}: {e}") from None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return _tensors(path, _guard(path, lambda: load_file(str(path))))
-    try:  # the safe loader first: a plain state_dict needs no pickled code
+    try:  # tensors only: what an export or a published state_dict holds
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # distnn's checkpoints also hold RNG states (numpy)
-        state = _guard(path, lambda: checkpoint.load_file(path))
-        if "strategy" not in state:
-            raise UserError(f"{KEY}={str(path)!r} is not a state_dict or checkpoint") from None
-        return checkpoint.model_state(state)
+    except pickle.UnpicklingError:
+        # A training checkpoint holds more (distnn's RNG states, timm's argparse options): a
+        # file the user names as their weights is unpickled whole, as timm's loader does.
+        obj = _guard(path, lambda: torch.load(path, map_location="cpu", weights_only=False))
     except Exception as e:
         raise UserError(f"{KEY}={str(path)!r} cannot be read: {reason(e)}") from None
+    if isinstance(obj, dict) and "strategy" in obj and "config" in obj:  # a distnn checkpoint
+        obj = checkpoint.model_state(obj)
     return _tensors(path, obj)
 
 
 def _guard(path: Path, load: Any) -> Any:
     try:
         return load()
-    except UserError:
-        raise
     except Exception as e:
         raise UserError(f"{KEY}={str(path)!r} cannot be read: {reason(e)}") from None
 
@@ -89,7 +91,7 @@ def load(model: nn.Module, weights: dict[str, torch.Tensor], head: str, path: st
                             "weights of another architecture?")  # fmt: skip
         raise UserError(
             f"{KEY}={path!r}: {key!r} has shape {tuple(theirs.shape)} there, "
-            f"{tuple(tensor.shape)} in this model"
+            f"{tuple(tensor.shape)} in this model (if it is the classifier: model.head=)"
         )
     unexpected = [k for k in weights if k not in own and not _in(k, head)]
     if unexpected:

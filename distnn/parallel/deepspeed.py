@@ -160,6 +160,13 @@ class DeepSpeed:
         # Built (and checked) before any process group forms.
         self.ds_config = deepspeed_config.build(cfg, env.world_size)
         _check_engine_config(self.ds_config, env.world_size)
+        if "optimizer" in self.ds_config and cfg.optim.head_lr_scale != 1.0:
+            # DeepSpeed builds that optimizer over one group of all parameters.
+            raise UserError(
+                "optim.head_lr_scale needs distnn's optimizer; the ds_config names DeepSpeed's "
+                f'({self.ds_config["optimizer"].get("type")}): remove its "optimizer" section '
+                "or set optim.head_lr_scale=1"
+            )
         self.cfg, self.env, self.precision, self.device = cfg, env, precision, device
         self.engine: Any = None
         self.optimizer_name = ""

@@ -15,6 +15,7 @@ td.init_process_group("gloo", timeout=timedelta(seconds=60))
 result = {}
 for scheme in ("default", "kaiming_normal", "xavier_uniform", "trunc_normal"):
     cfg = config.load(None, [*sys.argv[1:], f"model.init={scheme}"])
+    torch.rand(td.get_rank() + 1)  # what ranks drew before (data, logging) differs by rank
     seed_everything(cfg.train.seed)
     model, _, _ = models.prepare(cfg, 10, torch.device("cpu"))
     flat = torch.cat([t.flatten().float() for t in model.state_dict().values()])
