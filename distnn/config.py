@@ -169,12 +169,25 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FSDPConfig:
+    blocks: list[str] = _f(
+        [],
+        "module classes sharded one by one (default: the model family's blocks, else its "
+        "top-level children; a model's own `fsdp_blocks` attribute wins)",
+    )
+    reshard_after_forward: bool = _f(True, "free gathered blocks after forward (less memory)")
+    reduce_fp32: bool = _f(True, "reduce gradients in fp32 under bf16/fp16 precision")
+    offload: Literal["none", "cpu"] = _f("none", "parameters, gradients and optimizer on CPU")
+
+
+@dataclass
 class StrategyConfig:
-    name: Literal["auto", "single", "ddp", "deepspeed"] = _f(
+    name: Literal["auto", "single", "ddp", "deepspeed", "fsdp"] = _f(
         "auto", "auto: ddp above one process, else single"
     )
     ddp: DDPConfig = _section(DDPConfig, "DistributedDataParallel")
     deepspeed: DeepSpeedConfig = _section(DeepSpeedConfig, "DeepSpeed ZeRO")
+    fsdp: FSDPConfig = _section(FSDPConfig, "FSDP2 (fully_shard)")
 
 
 # Keys that moved into a strategy's own section: the old spelling gets one line naming the new.

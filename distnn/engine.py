@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,23 @@ class Engine:
             self.loaders.std,
             self.cfg.model.channels_last,
         )
+
+    def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's eval batches; where a forward is a collective (sharded parameters),
+        empty batches after its own run out, until every rank's have (one small all-reduce
+        per batch: evaluation only)."""
+        batches = iter(self._batches(self.loaders.val))
+        if not self.strategy.lockstep_forward:
+            yield from batches
+            return
+        size = self.cfg.data.image_size
+        empty = (torch.zeros(0, 3, size, size, device=self.device),
+                 torch.zeros(0, dtype=torch.int64, device=self.device))  # fmt: skip
+        while True:
+            batch = next(batches, None)
+            if not dist.any_true(batch is not None, self.device):
+                return
+            yield empty if batch is None else batch
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -309,7 +327,7 @@ class Engine:
         model = self.strategy.unwrap()
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
-        for x, y in self._batches(self.loaders.val):
+        for x, y in self._eval_batches():
             with self.precision.autocast():
                 logits = model(x)
             loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")

@@ -11,6 +11,7 @@ from distnn.errors import UserError
 from distnn.parallel.ddp import DDP
 from distnn.parallel.deepspeed import DeepSpeed
 from distnn.parallel.env import Env, detect
+from distnn.parallel.fsdp import FSDP
 from distnn.parallel.single import SingleProcess
 from distnn.parallel.strategy import Strategy
 from distnn.precision import Precision
@@ -19,6 +20,9 @@ _REGISTRY: dict[str, Callable[[Config, Env, torch.device, Precision], Strategy]]
     "single": lambda cfg, env, device, precision: SingleProcess(precision),
     "ddp": lambda cfg, env, device, precision: DDP(precision, cfg.strategy.ddp, device),
     "deepspeed": lambda cfg, env, device, precision: DeepSpeed(cfg, env, precision, device),
+    "fsdp": lambda cfg, env, device, precision: FSDP(
+        precision, cfg.strategy.fsdp, device, cfg.log.tensorboard_graph
+    ),
 }
 
 

@@ -168,6 +168,8 @@ class DeepSpeed:
                 "or set optim.head_lr_scale=1"
             )
         self.cfg, self.env, self.precision, self.device = cfg, env, precision, device
+        # ZeRO-3 gathers parameters inside every forward: ranks must run them together.
+        self.lockstep_forward = self.ds_config["zero_optimization"].get("stage", 0) == 3
         self.engine: Any = None
         self.optimizer_name = ""
         self.schedule = "distnn's sched.*"

@@ -15,6 +15,7 @@ from distnn.precision import Precision
 class SingleProcess:
     save_shards = None  # every rank holds the whole state: state_dict() has it all
     collective = False
+    lockstep_forward = False  # a forward is local: ranks may run different numbers of them
 
     def __init__(self, precision: Precision) -> None:
         self.precision = precision

@@ -22,6 +22,9 @@ class Strategy(Protocol):
     # Whether the strategy runs collectives (DDP, DeepSpeed): a lone process then still gets a
     # process group, of one.
     collective: bool
+    # Whether a forward is itself a collective (sharded parameters are gathered in it): then
+    # every rank must run as many as the others, evaluation included.
+    lockstep_forward: bool
 
     def describe(self) -> str:
         """One line for the run log: the strategy and its main settings."""

@@ -1,0 +1,148 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, gradients and optimizer state
+sharded over the ranks, each block gathered for its forward and backward only.
+
+Blocks are sharded first, then the root: a model's residual blocks or transformer blocks where
+its family has them (`strategy.fsdp.blocks` names classes for any other model, or the model
+lists its own in a `fsdp_blocks` attribute), else its top-level children. Checkpoints hold the
+full (unsharded) state, gathered to rank 0: they load at any world size, under any strategy's
+export, predict and init_from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as td
+from torch import nn
+
+from distnn.config import FSDPConfig
+from distnn.errors import UserError
+from distnn.parallel.single import SingleProcess
+from distnn.precision import Precision
+
+# The repeated units of the families distnn builds: torchvision's and timm's ResNet blocks,
+# torchvision's ViT encoder block and timm's transformer, ConvNeXt and EfficientNet blocks.
+BLOCKS = ("BasicBlock", "Bottleneck", "EncoderBlock", "Block", "ConvNeXtBlock",
+          "InvertedResidual", "MBConv", "FusedMBConv", "DepthwiseSeparableConv")  # fmt: skip
+
+
+def blocks(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules to shard one by one, before the root."""
+    own = getattr(model, "fsdp_blocks", None)
+    if own is not None:
+        return list(own)
+    wanted = set(names or BLOCKS)
+    found = [m for m in model.modules() if type(m).__name__ in wanted and m is not model]
+    if names and not found:
+        kinds = sorted({type(m).__name__ for m in model.modules()})
+        raise UserError(
+            f"strategy.fsdp.blocks={','.join(names)} names no module of this model; its "
+            f"classes: {', '.join(kinds)}"
+        )
+    if found:
+        # A block inside another block is sharded with it: keep the outermost.
+        inner = {id(c) for m in found for c in m.modules() if c is not m}
+        return [m for m in found if id(m) not in inner]
+    return [m for m in model.children() if any(True for _ in m.parameters())]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (the norm of sharded gradients is one)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class FSDP(SingleProcess):
+    collective = True
+    lockstep_forward = True  # a sharded forward gathers parameters: every rank must run it
+
+    def __init__(self, precision: Precision, cfg: FSDPConfig, device: torch.device,
+                 graph: bool = False) -> None:  # fmt: skip
+        if graph:
+            # The trace is a forward on rank 0 alone; its parameter gathers would wait forever.
+            raise UserError("log.tensorboard_graph=true is not available with strategy.name=fsdp")
+        super().__init__(precision)
+        self.cfg, self.device = cfg, device
+        self.sharded: list[nn.Module] = []
+        self.kinds: list[str] = []
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
+
+        mesh = init_device_mesh(self.device.type, (td.get_world_size(),))
+        mixed = MixedPrecisionPolicy(
+            param_dtype=self.precision.dtype,
+            reduce_dtype=torch.float32 if self.cfg.reduce_fp32 else self.precision.dtype,
+        )
+        offload = (
+            CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+            if self.cfg.offload == "cpu"
+            else OffloadPolicy()
+        )
+        options = {"mesh": mesh, "mp_policy": mixed, "offload_policy": offload}
+        self.sharded = blocks(model, self.cfg.blocks)
+        self.kinds = sorted({type(m).__name__ for m in self.sharded})  # before FSDP renames them
+        for block in self.sharded:
+            fully_shard(block, reshard_after_forward=self.cfg.reshard_after_forward, **options)
+        # The root's parameters are used last in backward: gathering them again is no saving.
+        fully_shard(model, reshard_after_forward=False, **options)
+        return model
+
+    def describe(self) -> str:
+        return (
+            f"fsdp over {td.get_backend()}, {td.get_world_size()} processes, "
+            f"{len(self.sharded)} blocks ({', '.join(self.kinds)}) + root, "
+            f"precision {self.precision.name}"
+            + (", reduce fp32" if self.cfg.reduce_fp32 and self.precision.dtype else "")
+            + (", offload cpu" if self.cfg.offload == "cpu" else "")
+        )
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        # Gradients of non-final micro-batches accumulate unsharded: no reduce-scatter.
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return _full(super().clip_grad_norm(max_norm))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank takes part (a gather); rank 0 gets the full state, the others none."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {
+            "model": get_model_state_dict(self.model, options=full),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=full),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True)  # every rank read the whole file
+        set_model_state_dict(self.model, state["model"], options=full)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,136 @@
+"""FSDP2 (strategy.name=fsdp) on real torchrun processes over gloo: the same training as DDP,
+evaluation in lockstep, checkpoints that every other tool reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distnn import config, data, models
+from distnn.parallel.env import Env
+from distnn.precision import cpu_has_bf16
+from distnn.train import train
+from tests.conftest import FAST, assert_same_params, final_weights, run_cli
+from tests.test_distributed import losses, torchrun
+
+COMMON = [*FAST, "train.max_steps=10", "train.log_every=1", "data.synthetic_train=512",
+          "optim.lr=0.05", "ckpt.epoch_end=false", "precision=fp32"]  # fmt: skip
+
+
+def two_ranks(run_dir, *args: str, timeout: float = 240) -> None:
+    r = torchrun(2, "-m", "distnn.train", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
+                 *COMMON, "log.progress=lines", *args, timeout=timeout)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """DDP, 2 ranks × 16, and × 8 with 2 accumulated micro-batches (tutorial_cnn: no
+    BatchNorm, no dropout)."""
+    root = tmp_path_factory.mktemp("ddp")
+    two_ranks(root / "ddp", "strategy.name=ddp", "train.batch_size=16")
+    two_ranks(root / "accum", "strategy.name=ddp", "train.batch_size=8", "train.accum_steps=2")
+    return root
+
+
+def assert_same_run(run_dir, reference, rtol: float = 1e-5) -> None:
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=rtol)
+    assert len(losses(run_dir)) == 10
+    assert_same_params(final_weights(run_dir), final_weights(reference), rtol, atol=rtol / 10)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_equals_ddp(tmp_path, ddp):
+    out = two_ranks(tmp_path / "fsdp", "strategy.name=fsdp", "train.batch_size=16")
+    assert "strategy: fsdp over gloo, 2 processes, 2 blocks (Sequential) + root" in out
+    assert_same_run(tmp_path / "fsdp", ddp / "ddp")
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_accumulating_two_micro_batches_equals_ddp_accumulating(tmp_path, ddp):
+    """Non-final micro-batches keep their gradients local, as DDP's no_sync does."""
+    two_ranks(tmp_path / "accum", "strategy.name=fsdp", "train.batch_size=8", "train.accum_steps=2")
+    assert_same_run(tmp_path / "accum", ddp / "accum")
+
+
+@pytest.mark.timeout(400)
+def test_fsdp_shards_resnet18_blocks_and_equals_ddp(tmp_path):
+    """Rank 0's weights and BatchNorm statistics (its own batches in both) after 10 steps of
+    2 accumulated micro-batches."""
+    net = ["model.name=resnet18", "data.synthetic_train=256", "train.batch_size=4",
+           "train.accum_steps=2"]  # fmt: skip
+    two_ranks(tmp_path / "ddp", *net, "strategy.name=ddp", timeout=360)
+    out = two_ranks(tmp_path / "fsdp", *net, "strategy.name=fsdp", timeout=360)
+    assert "8 blocks (BasicBlock) + root" in out
+    assert_same_run(tmp_path / "fsdp", tmp_path / "ddp")
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_evaluates_an_uneven_split_in_lockstep(tmp_path):
+    """513 samples, batch 8, 2 ranks: 33 batches on rank 0, 32 on rank 1, whose sharded
+    forwards must still meet rank 0's last. Every sample counts once: the logged val_loss is
+    one process's loss over all 513 with the run's final weights."""
+    run_dir = tmp_path / "uneven"
+    two_ranks(run_dir, "strategy.name=fsdp", "train.batch_size=8", "data.synthetic_val=513",
+              "train.max_steps=4")  # fmt: skip
+    logged = [r["val_loss"] for r in checkpoint_records(run_dir) if "val_loss" in r][-1]
+    cfg = config.load(run_dir / "config.yaml", ["data.workers=0"])
+    loaders = data.build(cfg, Env())
+    assert loaders.val_size == 513
+    model = models.build(cfg.model.name, 10, cfg.data.image_size)
+    model.load_state_dict(final_weights(run_dir))
+    mean = torch.tensor(loaders.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaders.std).view(1, 3, 1, 1)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in loaders.val:
+            logits = model.eval()((x.float() - mean) / std)
+            total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            n += len(y)
+    assert n == 513
+    assert logged == pytest.approx(total / n, rel=1e-5)
+
+
+def checkpoint_records(run_dir):
+    from distnn.monitor import read_metrics
+
+    return read_metrics(run_dir)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_checkpoint_exports_predicts_initialises_and_resumes_on_one_rank(tmp_path, capsys):
+    run_dir = tmp_path / "fs"
+    two_ranks(run_dir, "strategy.name=fsdp", "train.batch_size=16", "train.max_steps=4",
+              "ckpt.every_steps=2")  # fmt: skip
+    r = run_cli("-m", "distnn.checkpoint", "export", str(run_dir), str(tmp_path / "m.pt"))
+    assert r.returncode == 0, r.stderr
+    model = models.build("tutorial_cnn", 10, 32)
+    model.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), strict=True)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (20, 200, 90)).save(tmp_path / "x.png")
+    r = run_cli("-m", "distnn.predict", "--checkpoint", str(run_dir), str(tmp_path / "x.png"))
+    assert r.returncode == 0 and "x.png: class_" in r.stdout, r.stderr
+    cfg = config.load(None, [*FAST, f"model.init_from={run_dir}"])
+    started, _, _ = models.prepare(cfg, 10, torch.device("cpu"))
+    assert_same_params(started.state_dict(), model.state_dict(), rtol=0, atol=0)
+    # The full state reshards: the run continues on one process (the global batch is kept).
+    resumed = config.load(run_dir / "config.yaml", ["strategy.name=fsdp", "train.max_steps=6",
+                                                    "train.batch_size=32"])  # fmt: skip
+    assert train(resumed)["steps"] == 6
+    assert "resumed at step 4" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not cpu_has_bf16(), reason="bf16 is emulated on this CPU (77 s here, 25x fp32)")
+def test_fsdp_bf16_mixed_precision_learns(tmp_path):
+    """bf16 parameters in forward and backward, fp32 gradient reduction and fp32 master
+    weights (what the checkpoint holds)."""
+    run_dir = tmp_path / "bf16"
+    out = two_ranks(run_dir, "strategy.name=fsdp", "train.batch_size=16", "precision=bf16",
+                    "train.max_steps=30")  # fmt: skip
+    assert "precision bf16, reduce fp32" in out
+    curve = losses(run_dir)
+    assert curve[-1] < 0.6 * curve[0]
+    assert {t.dtype for t in final_weights(run_dir).values()} == {torch.float32}
