@@ -3,9 +3,10 @@
 A checkpoint is one torch file holding every stateful piece of the run (the strategy's model,
 optimizer, scheduler and scaler; the loop position; each rank's RNG state) plus the resolved
 config, so it alone can rebuild the model (predict, export) or continue the run exactly.
-Where the strategy shards its state over the ranks (DeepSpeed ZeRO) a checkpoint is a
-directory instead: the same file as `state.pt` beside every rank's shards, written under a
-temporary name and renamed into place once all ranks are done.
+Where the strategy shards its state over the ranks (FSDP, DeepSpeed ZeRO) a checkpoint is a
+directory instead: the same file as `state.pt` beside every rank's shards in the strategy's
+format (parallel/formats.py), written under a temporary name and renamed into place once all
+ranks are done.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.distributed as td
 from distnn import fsio
 from distnn.config import CkptConfig, Config, global_batch
 from distnn.errors import UserError, cli, reason
+from distnn.parallel import formats
 from distnn.parallel.dist import barrier
 
 _NAME = re.compile(r"^step_(\d{8})(\.pt)?$")
@@ -95,6 +97,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {str(path)!r} cannot be read: {type(e).__name__}") from None
     if shards is not None:  # the strategy finds its shards where the state was read
         state["strategy"]["shards"] = str(shards)
+        formats.of(state["strategy"]).verify(shards)
     return state
 
 
@@ -270,8 +273,9 @@ def check_compatible(
         ("data.image_size", cfg.data.image_size, saved["data"]["image_size"]),
         ("number of classes", len(classes), len(state["classes"])),
     ]
-    if "shards" in state["strategy"]:
-        checks.append(("processes", world_size, state["strategy"]["world_size"]))
+    strategy = state["strategy"]
+    if "shards" in strategy and not formats.of(strategy).any_world_size:
+        checks.append(("processes", world_size, strategy["world_size"]))
     for key, now, then in checks:
         if now != then:
             raise UserError(
@@ -333,9 +337,7 @@ def model_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     if "strategy" not in state:
         return state["model"]
     if "shards" in state["strategy"]:
-        from distnn.parallel.deepspeed import consolidate
-
-        return consolidate(state["strategy"]["shards"])
+        return formats.of(state["strategy"]).consolidate(state["strategy"]["shards"])
     return state["strategy"]["model"]
 
 

@@ -178,6 +178,11 @@ class FSDPConfig:
     reshard_after_forward: bool = _f(True, "free gathered blocks after forward (less memory)")
     reduce_fp32: bool = _f(True, "reduce gradients in fp32 under bf16/fp16 precision")
     offload: Literal["none", "cpu"] = _f("none", "parameters, gradients and optimizer on CPU")
+    meta_init: bool = _f(
+        True,
+        "build on the meta device and initialise shard by shard (no rank holds the whole "
+        "model; the same weights as an eager build)",
+    )
 
 
 @dataclass

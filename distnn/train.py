@@ -89,9 +89,15 @@ def train(
     state = ckpt.restore()
     if state is not None:
         checkpoint.check_compatible(state, cfg, loaders.classes, ckpt.restored_from, env.world_size)
+    strategy = parallel.build(cfg, env, device, precision)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model, head, model_notes = models.prepare(
-        cfg, num_classes(cfg, loaders.classes), device, given_model, fresh=state is None
+        cfg,
+        num_classes(cfg, loaders.classes),
+        device,
+        given_model,
+        fresh=state is None,
+        meta_init=strategy.meta_init,
     )
     steps = total_steps(cfg, loaders)
     optimizers = optim.Optimizers(cfg.optim, config.global_batch(cfg, env.world_size), head)
@@ -108,7 +114,6 @@ def train(
             )
         return done
 
-    strategy = parallel.build(cfg, env, device, precision)
     ckpt.discard_lost(state)  # after every check of the input: a refused run removes nothing
 
     with dist.process_group(env, cfg.dist, alone=strategy.collective):

@@ -3,6 +3,9 @@ evaluation in lockstep, checkpoints that every other tool reads."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -10,7 +13,8 @@ from distnn import config, data, models
 from distnn.parallel.env import Env
 from distnn.precision import cpu_has_bf16
 from distnn.train import train
-from tests.conftest import FAST, assert_same_params, final_weights, run_cli
+from tests import user_package
+from tests.conftest import FAST, ROOT, assert_same_params, final_weights, run_cli
 from tests.test_distributed import losses, torchrun
 
 COMMON = [*FAST, "train.max_steps=10", "train.log_every=1", "data.synthetic_train=512",
@@ -100,9 +104,15 @@ def checkpoint_records(run_dir):
 
 @pytest.mark.timeout(300)
 def test_fsdp_checkpoint_exports_predicts_initialises_and_resumes_on_one_rank(tmp_path, capsys):
+    """Each rank writes its own shards (DCP); export merges them; a checkpoint cut short is
+    skipped with a warning; the shards load on one process."""
     run_dir = tmp_path / "fs"
-    two_ranks(run_dir, "strategy.name=fsdp", "train.batch_size=16", "train.max_steps=4",
+    two_ranks(run_dir, "strategy.name=fsdp", "train.batch_size=16", "train.max_steps=6",
               "ckpt.every_steps=2")  # fmt: skip
+    step6 = run_dir / "checkpoints" / "step_00000006"
+    shards = sorted(p.stat().st_size for p in step6.glob("*.distcp"))
+    assert len(shards) == 2 and shards[0] > 0.4 * sum(shards), shards  # no gather to rank 0
+    assert (step6 / ".metadata").is_file() and (step6 / "state.pt").is_file()
     r = run_cli("-m", "distnn.checkpoint", "export", str(run_dir), str(tmp_path / "m.pt"))
     assert r.returncode == 0, r.stderr
     model = models.build("tutorial_cnn", 10, 32)
@@ -115,11 +125,16 @@ def test_fsdp_checkpoint_exports_predicts_initialises_and_resumes_on_one_rank(tm
     cfg = config.load(None, [*FAST, f"model.init_from={run_dir}"])
     started, _, _ = models.prepare(cfg, 10, torch.device("cpu"))
     assert_same_params(started.state_dict(), model.state_dict(), rtol=0, atol=0)
-    # The full state reshards: the run continues on one process (the global batch is kept).
-    resumed = config.load(run_dir / "config.yaml", ["strategy.name=fsdp", "train.max_steps=6",
-                                                    "train.batch_size=32"])  # fmt: skip
-    assert train(resumed)["steps"] == 6
+
+    # Rank 1's shard of step 6 cut short: the run goes back to step 4, on one process (the
+    # global batch is kept), and ends where the two-rank run ended.
+    with open(step6 / "__1_0.distcp", "r+b") as f:
+        f.truncate(100)
+    resumed = config.load(run_dir / "config.yaml", ["strategy.name=fsdp", "train.batch_size=32"])
+    with pytest.warns(UserWarning, match=r"step_00000006.*incomplete: __1_0.distcp has 100 of"):
+        assert train(resumed)["steps"] == 6
     assert "resumed at step 4" in capsys.readouterr().out
+    assert_same_params(final_weights(run_dir), model.state_dict(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.timeout(300)
@@ -134,3 +149,34 @@ def test_fsdp_bf16_mixed_precision_learns(tmp_path):
     curve = losses(run_dir)
     assert curve[-1] < 0.6 * curve[0]
     assert {t.dtype for t in final_weights(run_dir).values()} == {torch.float32}
+
+
+@pytest.mark.timeout(300)
+def test_meta_device_init_gives_every_shard_the_eager_builds_weights(tmp_path):
+    """The zoo, torchvision, timm and the user's own model, with an init scheme and
+    pretrained weights: built on meta, sharded, replayed shard by shard; a model that reads
+    a value while it is built falls back to building whole, and says so."""
+    site = user_package.write(tmp_path / "site")
+    torch.manual_seed(5)
+    torch.save(models.build("tutorial_cnn", 10, 32).state_dict(), tmp_path / "w.pt")
+    cases = [["model.name=tutorial_cnn"], ["model.name=resnet18", "model.init=trunc_normal"],
+             ["model.name=tv:resnet18"], ["model.name=timm:test_vit"],
+             ["model.name=userpkg.nets:SmallNet"],
+             ["model.name=tutorial_cnn", f"model.init_from={tmp_path / 'w.pt'}"],
+             ["model.name=userpkg.nets:ReadsItsWeights"]]  # fmt: skip
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
+    r = torchrun(2, "tests/scripts/meta_init.py", json.dumps(cases), env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    for case in results:
+        assert case["same_names"] and case["differ"] == [], case
+        assert 0.4 < case["local_share"] < 0.6, case  # each rank holds about half
+    *built, fallback = results
+    assert all(case["on_meta"] for case in built)
+    assert "initialised shard by shard" in built[0]["describe"]
+    for case in built[1:3]:  # ResNet-18s: no more than their largest layers at once
+        assert case["peak_bytes"] < 0.25 * case["model_bytes"], case
+    assert "weights from" in " ".join(built[5]["notes"])
+    assert not fallback["on_meta"] and fallback["peak_bytes"] is None
+    assert any("userpkg.nets:ReadsItsWeights cannot be built on the meta device" in note
+               for note in fallback["notes"])  # fmt: skip

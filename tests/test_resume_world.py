@@ -41,7 +41,9 @@ def test_killed_on_two_ranks_resumes_exactly_on_one_and_on_three(tmp_path, strat
     proc = subprocess.Popen([sys.executable, *args(2, killed, strategy)], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    wait_for(killed / "checkpoints" / "step_00000004.pt", proc)
+    # DDP writes one file; FSDP a DCP directory (renamed into place whole).
+    step4 = "step_00000004" + (".pt" if strategy == "ddp" else "")
+    wait_for(killed / "checkpoints" / step4, proc)
     for pid in [*worker_pids(proc.pid), proc.pid]:
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=30)

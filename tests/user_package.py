@@ -26,6 +26,13 @@ class SmallNet(nn.Module):
         return self.head(self.body(x))
 
 
+class ReadsItsWeights(SmallNet):
+    # Reads a value while it is built: meta tensors have none.
+    def __init__(self, num_classes):
+        super().__init__(num_classes)
+        self.scale = float(self.head.weight.abs().max())
+
+
 def broken(num_classes, **kwargs):
     raise RuntimeError("no weights for you")
 

@@ -19,7 +19,7 @@ from torchvision import models as tvm
 
 from distnn import imports
 from distnn.errors import UserError, reason
-from distnn.models import zoo
+from distnn.models import deferred, zoo
 
 KEY = "model.name"
 # The name a run records for a model handed to distnn.fit as a Python object.
@@ -116,7 +116,7 @@ def from_callable(
 def _call(fn: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
-    except UserError:
+    except (UserError, deferred.Unsupported):  # the latter: models/prepare.py builds eagerly
         raise
     except Exception as e:  # the builder is the user's code, or takes the user's kwargs
         raise UserError(f"{KEY}={name!r}: building it raised {reason(e)}") from None

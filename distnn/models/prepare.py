@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from distnn.config import Config
-from distnn.errors import UserError
-from distnn.models import factory, init, pretrained, summary
+from distnn.errors import UserError, reason
+from distnn.models import deferred, factory, init, pretrained, summary
 
 ModelArg = nn.Module | Callable[..., nn.Module] | None
 
@@ -68,15 +68,9 @@ def _build(cfg: Config, num_classes: int, given: ModelArg) -> nn.Module:
     )
 
 
-def prepare(
-    cfg: Config,
-    num_classes: int,
-    device: torch.device,
-    given: ModelArg = None,
-    fresh: bool = True,
+def _initialised(
+    cfg: Config, num_classes: int, given: ModelArg, fresh: bool
 ) -> tuple[nn.Module, str, list[str]]:
-    """(model, its head's name, lines for the run log). `fresh`: a new run, which loads
-    `model.init_from`; a resumed one takes its weights from its checkpoint instead."""
     model = _build(cfg, num_classes, given)
     init.initialize(model, cfg.model.init)
     classifier = head(model, num_classes, cfg.model.head)
@@ -86,12 +80,59 @@ def prepare(
         kept = pretrained.load(model, weights, classifier, cfg.model.init_from)
         fresh_keys = f"; new (not loaded): {', '.join(kept)}" if kept else ""
         notes.append(f"weights from {cfg.model.init_from}{fresh_keys}")
+    return model, classifier, notes
+
+
+def _on_meta(
+    cfg: Config, num_classes: int, given: ModelArg, fresh: bool
+) -> tuple[nn.Module, str, list[str]] | str:
+    """The model built on the meta device (models/deferred.py), or why it cannot be."""
+    made: list[tuple[str, list[str]]] = []
+
+    def build() -> nn.Module:
+        model, classifier, notes = _initialised(cfg, num_classes, given, fresh)
+        made.append((classifier, notes))
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    try:
+        model = deferred.record(build)
+    except deferred.Unsupported as e:
+        return str(e)
+    except Exception as e:  # something meta tensors cannot do (numpy, a copy out), or a real
+        return reason(e)  # error, which the eager build then raises
+    return model, *made[0]
+
+
+def prepare(
+    cfg: Config,
+    num_classes: int,
+    device: torch.device,
+    given: ModelArg = None,
+    fresh: bool = True,
+    meta_init: bool = False,
+) -> tuple[nn.Module, str, list[str]]:
+    """(model, its head's name, lines for the run log). `fresh`: a new run, which loads
+    `model.init_from`; a resumed one takes its weights from its checkpoint instead.
+    `meta_init`: build on the meta device for a strategy that fills its shards from the
+    recorded build (a model object that is already built cannot be)."""
+    built = None
+    if meta_init and not isinstance(given, nn.Module):
+        built = _on_meta(cfg, num_classes, given, fresh)
+    on_meta = isinstance(built, tuple)
+    model, classifier, notes = built if on_meta else _initialised(cfg, num_classes, given, fresh)
+    if isinstance(built, str):
+        notes.append(f"model {cfg.model.name} cannot be built on the meta device ({built}): "
+                     "every rank builds it whole, then shards it")  # fmt: skip
     if cfg.model.freeze:
         frozen = freeze(model, cfg.model.freeze)
         notes.append(f"frozen: {frozen} parameter tensors under {', '.join(cfg.model.freeze)}")
-    model = model.to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    profile = summary.profile(model, cfg.data.image_size, num_classes, device)
+    if not on_meta:
+        model = model.to(device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    where = deferred.META if on_meta else device
+    profile = summary.profile(model, cfg.data.image_size, num_classes, where)
     notes.insert(0, f"model {cfg.model.name}: {profile.describe()}")
     return model, classifier, notes

@@ -21,7 +21,7 @@ _REGISTRY: dict[str, Callable[[Config, Env, torch.device, Precision], Strategy]]
     "ddp": lambda cfg, env, device, precision: DDP(precision, cfg.strategy.ddp, device),
     "deepspeed": lambda cfg, env, device, precision: DeepSpeed(cfg, env, precision, device),
     "fsdp": lambda cfg, env, device, precision: FSDP(
-        precision, cfg.strategy.fsdp, device, cfg.log.tensorboard_graph
+        precision, cfg.strategy.fsdp, device, cfg.log.tensorboard_graph, cfg.model.channels_last
     ),
 }
 

@@ -153,6 +153,7 @@ def _check_engine_config(ds_config: dict[str, Any], world_size: int) -> None:
 
 class DeepSpeed:
     collective = True
+    meta_init = False  # ZeRO-3 would need deepspeed.zero.Init around the build
 
     def __init__(self, cfg: Config, env: Env, precision: Precision, device: torch.device) -> None:
         _check(cfg)

@@ -1,18 +1,18 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, gradients and optimizer state
-sharded over the ranks, each block gathered for its forward and backward only.
+sharded over the ranks, each block gathered for its forward and backward only. Checkpoints
+are DCP directories: each rank writes its own shards, and they load at any world size.
 
 Blocks are sharded first, then the root: a model's residual blocks or transformer blocks where
 its family has them (`strategy.fsdp.blocks` names classes for any other model, or the model
-lists its own in a `fsdp_blocks` attribute), else its top-level children. Checkpoints hold the
-full (unsharded) state, gathered to rank 0: they load at any world size, under any strategy's
-export, predict and init_from.
+lists its own in a `fsdp_blocks` attribute), else its top-level children.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as td
@@ -20,8 +20,12 @@ from torch import nn
 
 from distnn.config import FSDPConfig
 from distnn.errors import UserError
+from distnn.parallel import dcp
 from distnn.parallel.single import SingleProcess
 from distnn.precision import Precision
+
+if TYPE_CHECKING:
+    from distnn.models import deferred
 
 # The repeated units of the families distnn builds: torchvision's and timm's ResNet blocks,
 # torchvision's ViT encoder block and timm's transformer, ConvNeXt and EfficientNet blocks.
@@ -59,12 +63,19 @@ class FSDP(SingleProcess):
     lockstep_forward = True  # a sharded forward gathers parameters: every rank must run it
 
     def __init__(self, precision: Precision, cfg: FSDPConfig, device: torch.device,
-                 graph: bool = False) -> None:  # fmt: skip
+                 graph: bool = False, channels_last: bool = False) -> None:  # fmt: skip
         if graph:
             # The trace is a forward on rank 0 alone; its parameter gathers would wait forever.
             raise UserError("log.tensorboard_graph=true is not available with strategy.name=fsdp")
+        if channels_last:
+            raise UserError(
+                "model.channels_last=true is not available with strategy.name=fsdp: FSDP2 "
+                "shards contiguous parameters only"
+            )
         super().__init__(precision)
         self.cfg, self.device = cfg, device
+        self.meta_init = cfg.meta_init
+        self.built: deferred.Stats | None = None
         self.sharded: list[nn.Module] = []
         self.kinds: list[str] = []
 
@@ -94,7 +105,22 @@ class FSDP(SingleProcess):
             fully_shard(block, reshard_after_forward=self.cfg.reshard_after_forward, **options)
         # The root's parameters are used last in backward: gathering them again is no saving.
         fully_shard(model, reshard_after_forward=False, **options)
+        from distnn.models import deferred  # models import checkpoint, which imports parallel
+
+        recipe = deferred.recipe(model)
+        if recipe is not None:
+            self._materialize(model, recipe)
         return model
+
+    def _materialize(self, model: nn.Module, recipe: deferred.Recipe) -> None:
+        # Offloaded shards live on the CPU; buffers (not sharded) stay where compute is.
+        offload = self.cfg.offload == "cpu"
+        model.to_empty(device=torch.device("cpu") if offload else self.device)
+        self.built = recipe.materialize(model)
+        if offload and self.device.type != "cpu":
+            for module in model.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    module._buffers[name] = buffer.to(self.device)
 
     def describe(self) -> str:
         return (
@@ -103,6 +129,7 @@ class FSDP(SingleProcess):
             f"precision {self.precision.name}"
             + (", reduce fp32" if self.cfg.reduce_fp32 and self.precision.dtype else "")
             + (", offload cpu" if self.cfg.offload == "cpu" else "")
+            + (f"; {self.built.describe()}" if self.built is not None else "")
         )
 
     @contextlib.contextmanager
@@ -117,32 +144,21 @@ class FSDP(SingleProcess):
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return _full(super().clip_grad_norm(max_norm))
 
-    def state_dict(self) -> dict[str, Any]:
-        """Every rank takes part (a gather); rank 0 gets the full state, the others none."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+    # --- checkpoints: each rank writes its own shards (DCP); nothing is gathered ------------
 
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    def save_shards(self, directory: Path) -> None:
+        dcp.save(self.model, self.optimizer, directory)
+
+    def state_dict(self) -> dict[str, Any]:
         return {
-            "model": get_model_state_dict(self.model, options=full),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=full),
+            "format": dcp.FORMAT,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
+    def load_full(self, state: dict[str, Any]) -> None:
+        raise UserError(
+            "the checkpoint holds the whole model and optimizer (a single-process or DDP "
+            "run's): strategy.name=fsdp resumes from its own checkpoints; start from its "
+            "weights with model.init_from and another run.name"
         )
-
-        full = StateDictOptions(full_state_dict=True)  # every rank read the whole file
-        set_model_state_dict(self.model, state["model"], options=full)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])

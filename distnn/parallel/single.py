@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from distnn.optim import Optimizers, Schedule
+from distnn.parallel import dcp
 from distnn.precision import Precision
 
 
@@ -16,6 +17,7 @@ class SingleProcess:
     save_shards = None  # every rank holds the whole state: state_dict() has it all
     collective = False
     lockstep_forward = False  # a forward is local: ranks may run different numbers of them
+    meta_init = False  # every rank holds the whole model anyway
 
     def __init__(self, precision: Precision) -> None:
         self.precision = precision
@@ -84,6 +86,11 @@ class SingleProcess:
     def unwrap(self) -> nn.Module:
         return self.model
 
+    def load_full(self, state: dict[str, Any]) -> None:
+        """The model and optimizer from a checkpoint file that holds them whole."""
+        self.unwrap().load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.unwrap().state_dict(),
@@ -93,8 +100,10 @@ class SingleProcess:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.unwrap().load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("format") == dcp.FORMAT:  # an FSDP run's shards, resharded for this one
+            dcp.load(self.model, self.optimizer, state["shards"])
+        else:
+            self.load_full(state)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])

@@ -25,6 +25,9 @@ class Strategy(Protocol):
     # Whether a forward is itself a collective (sharded parameters are gathered in it): then
     # every rank must run as many as the others, evaluation included.
     lockstep_forward: bool
+    # Whether setup() takes a model built on the meta device (models/deferred.py) and fills its
+    # shards itself: then no rank needs the whole model in memory.
+    meta_init: bool
 
     def describe(self) -> str:
         """One line for the run log: the strategy and its main settings."""

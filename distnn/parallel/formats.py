@@ -1,0 +1,30 @@
+"""Checkpoint directories hold a strategy's own files (DeepSpeed's ZeRO shards, DCP shards):
+what reads each kind without the strategy that wrote it (export, predict, init_from, resume)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from distnn.parallel import dcp, deepspeed
+
+
+@dataclass(frozen=True)
+class Format:
+    consolidate: Callable[[str], dict[str, torch.Tensor]]  # shards -> the plain state_dict
+    verify: Callable[[str], None]  # raises UserError where the files are incomplete
+    any_world_size: bool  # whether they load at another number of processes
+
+
+FORMATS = {
+    "deepspeed": Format(deepspeed.consolidate, lambda directory: None, any_world_size=False),
+    dcp.FORMAT: Format(dcp.consolidate, dcp.verify, any_world_size=True),
+}
+
+
+def of(strategy_state: dict[str, Any]) -> Format:
+    """The format of a checkpoint's strategy state (read from a directory: it has "shards")."""
+    return FORMATS[strategy_state["format"]]
