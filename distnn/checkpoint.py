@@ -67,9 +67,18 @@ def _gather(obj: Any) -> list[Any]:
     return objs
 
 
-def gather_rng_states() -> list[dict[str, Any]]:
-    """Every rank's RNG state, in rank order (dropout masks differ per rank)."""
-    return _gather(rng_state())
+class RankRNG:
+    """Every rank's random generators as one stateful piece of a checkpoint: saved in rank
+    order (a collective: dropout masks differ per rank), each rank restoring its own; a rank
+    beyond those saved (a larger world) keeps its seeding."""
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return _gather(rng_state())
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        rank = td.get_rank() if td.is_initialized() else 0
+        if rank < len(states):
+            set_rng_state(states[rank])
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -140,9 +149,9 @@ class Manager:
         best: bool = False,
         save_shards: Callable[[Path], None] | None = None,
     ) -> Path | None:
-        """Rank 0 writes; all ranks must call (RNG states are gathered from every rank, and
-        `save_shards`, the strategy's, has every rank write its part into the directory)."""
-        state = {**state, "rng": gather_rng_states(), "best_value": self.best_value}
+        """Rank 0 writes; all ranks must call (`save_shards`, the strategy's, has every rank
+        write its part into the directory)."""
+        state = {**state, "best_value": self.best_value}
         self.last_saved_step = step
         path = self.path(step, sharded=save_shards is not None)
         if save_shards is not None:
@@ -275,7 +284,13 @@ def check_compatible(
     ]
     strategy = state["strategy"]
     if "shards" in strategy and not formats.of(strategy).any_world_size:
-        checks.append(("processes", world_size, strategy["world_size"]))
+        then = strategy["world_size"]
+        if then != world_size:
+            raise UserError(
+                f"checkpoint {str(path)!r} holds {strategy['format']} shards of processes={then}, "
+                f"this run has {world_size}: they load only at the world size that wrote them; "
+                f"resume on {then} processes (FSDP and DDP checkpoints load at any world size)"
+            )
     for key, now, then in checks:
         if now != then:
             raise UserError(
@@ -323,12 +338,6 @@ def resume_notes(state: dict[str, Any], cfg: Config, world_size: int) -> list[st
             f"(set data.workers={workers} to resume exactly)"
         )
     return notes
-
-
-def restore_rng(state: dict[str, Any], rank: int) -> None:
-    states = state["rng"]
-    if rank < len(states):
-        set_rng_state(states[rank])
 
 
 def model_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:

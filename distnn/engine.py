@@ -41,6 +41,40 @@ class Position:
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
 
 
+class Meters:
+    """Running sums of the current log interval and the run's counters, saved with checkpoints
+    so that a resumed run logs the same numbers. Tensors stay on the device: adding to them
+    needs no host sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.step_loss = torch.zeros((), device=device)  # skip mode: the step's, until it stands
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_count = 0
+        self.skipped = 0  # steps dropped by train.nonfinite=skip
+        # fp16 steps the GradScaler skipped on overflow: counted on the device, read at logs.
+        self.overflows = torch.zeros((), dtype=torch.int64, device=device)
+        # The summary's, so that an attempt that trains no further still reports them.
+        self.last_train_loss = math.nan
+        self.images_per_sec = math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss_sum": self.loss_sum.item(),
+            "loss_count": self.loss_count,
+            "skipped": self.skipped,
+            "overflows": int(self.overflows),
+            "last_train_loss": self.last_train_loss,
+            "images_per_sec": self.images_per_sec,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum.fill_(state["loss_sum"])
+        self.loss_count, self.skipped = state["loss_count"], state["skipped"]
+        self.overflows.fill_(state.get("overflows", 0))
+        self.last_train_loss = state.get("last_train_loss", math.nan)
+        self.images_per_sec = state.get("images_per_sec", math.nan)
+
+
 def total_steps(cfg: Config, loaders: Loaders) -> int:
     per_epoch = loaders.steps_per_epoch // cfg.train.accum_steps
     return cfg.train.max_steps or cfg.train.epochs * per_epoch
@@ -69,20 +103,11 @@ class Engine:
             dist.world_size(), self.strategy.unwrap(), self.cfg.data.image_size, self.device
         )
         self.last_val: dict[str, float] = {}
-        self.last_train_loss = math.nan
         self.start = time.perf_counter()
-        self.images_per_sec = math.nan
         self.fault = faults.from_env()
         self.rank = dist.rank()
         self.skip_nonfinite = t.nonfinite == "skip"
-        # Meters: running sums of the current log interval, saved with checkpoints so a
-        # resumed run logs the same numbers. On the device: adding to them needs no sync.
-        self.step_loss = torch.zeros((), device=self.device)
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.loss_count = 0
-        self.skipped = 0  # steps dropped by train.nonfinite=skip
-        # fp16 steps the GradScaler skipped on overflow: counted on the device, read at logs.
-        self.overflows = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.meters = Meters(self.device)
 
     def _batches(self, loader: Any) -> DevicePrefetcher:
         return DevicePrefetcher(
@@ -112,48 +137,39 @@ class Engine:
 
     # --- checkpoints ----------------------------------------------------------------------
 
+    def stateful(self) -> dict[str, Any]:
+        """The pieces a checkpoint holds, each saving and loading its own state (torchtitan's
+        and Fabric's Stateful): the strategy's model and optimizer, the loop position, the
+        meters and every rank's random generators (restored last)."""
+        return {"strategy": self.strategy, "position": self.pos, "meters": self.meters,
+                "rng": checkpoint.RankRNG()}  # fmt: skip
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "strategy": self.strategy.state_dict(),
-            "position": self.pos.state_dict(),
+            **{name: piece.state_dict() for name, piece in self.stateful().items()},
             "config": config_lib.to_dict(self.cfg),
             "classes": self.loaders.classes,
             "mean": self.loaders.mean,
             "std": self.loaders.std,
-            "meters": {
-                "loss_sum": self.loss_sum.item(),
-                "loss_count": self.loss_count,
-                "skipped": self.skipped,
-                "overflows": int(self.overflows),
-                # The summary's, so that an attempt that trains no further still reports them.
-                "last_train_loss": self.last_train_loss,
-                "images_per_sec": self.images_per_sec,
-            },
             "world_size": dist.world_size(),
             "distnn_version": __version__,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            self.strategy.load_state_dict(state["strategy"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"checkpoint {str(self.ckpt.restored_from)!r} does not fit this run: {first}"
-            ) from None
-        self.pos.load_state_dict(state["position"])
-        meters = state["meters"]
-        self.loss_sum.fill_(meters["loss_sum"])
-        self.loss_count, self.skipped = meters["loss_count"], meters["skipped"]
-        self.overflows.fill_(meters.get("overflows", 0))
-        self.last_train_loss = meters.get("last_train_loss", math.nan)
-        self.images_per_sec = meters.get("images_per_sec", math.nan)
-        checkpoint.restore_rng(state, dist.rank())
+        for name, piece in self.stateful().items():
+            try:
+                piece.load_state_dict(state[name])
+            except (RuntimeError, KeyError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(
+                    f"checkpoint {str(self.ckpt.restored_from)!r} does not fit this run "
+                    f"({name}): {first}"
+                ) from None
 
     def save(self, best: bool = False) -> None:
         if self.ckpt.last_saved_step == self.pos.step and not best:
             return
-        if not torch.isfinite(self.loss_sum).item():  # never checkpoint a diverged model
+        if not torch.isfinite(self.meters.loss_sum).item():  # never checkpoint a diverged model
             raise UserError(
                 f"non-finite training loss before step {self.pos.step}; not checkpointing it"
             )
@@ -177,9 +193,9 @@ class Engine:
             self.save(best=True)
         self.save()
         return {
-            "train_loss": self.last_train_loss,
+            "train_loss": self.meters.last_train_loss,
             **self.last_val,
-            "images_per_sec": self.images_per_sec,
+            "images_per_sec": self.meters.images_per_sec,
             "steps": self.pos.step,
             "epochs": self.epochs_done(),
             "world_size": dist.world_size(),
@@ -232,7 +248,7 @@ class Engine:
                 loss = self.fault.corrupt(loss, self.pos.step + 1, self.rank)
             self.strategy.backward(loss / accum if accum > 1 else loss)
         # skip mode keeps the step's loss apart until it knows the step stands
-        (self.step_loss if self.skip_nonfinite else self.loss_sum).add_(loss.detach())
+        (self.meters.step_loss if self.skip_nonfinite else self.meters.loss_sum).add_(loss.detach())
 
     def optimizer_step(self) -> None:
         t = self.cfg.train
@@ -249,20 +265,20 @@ class Engine:
         # apart on the host would sync every step.
         stepped = self.strategy.step()
         if stepped is not None:
-            self.overflows += ~stepped
+            self.meters.overflows += ~stepped
         if self.skip_nonfinite:
-            self.loss_sum += self.step_loss
-            self.step_loss.zero_()
-        self.loss_count += t.accum_steps
+            self.meters.loss_sum += self.meters.step_loss
+            self.meters.step_loss.zero_()
+        self.meters.loss_count += t.accum_steps
         self.pos.step += 1
         self.meter.add(t.batch_size * t.accum_steps)
         if self.fault is not None:
             self.fault.check(self.pos.step, self.rank)
         if log_now:
-            self._log_train(self.loss_sum, self.loss_count, grad_norm)
-            self.loss_sum.zero_()
-            self.loss_count = 0
-            if not math.isfinite(self.last_train_loss):
+            self._log_train(self.meters.loss_sum, self.meters.loss_count, grad_norm)
+            self.meters.loss_sum.zero_()
+            self.meters.loss_count = 0
+            if not math.isfinite(self.meters.last_train_loss):
                 raise UserError(
                     f"non-finite training loss by step {self.pos.step} "
                     "(train.nonfinite=raise); lower optim.lr, clip gradients "
@@ -276,12 +292,12 @@ class Engine:
 
     def skip_step(self) -> None:
         self.strategy.discard()
-        self.step_loss.zero_()
-        self.skipped += 1
+        self.meters.step_loss.zero_()
+        self.meters.skipped += 1
         self.run.message(f"skipped step {self.pos.step + 1}: non-finite gradient norm")
-        if self.skipped > self.cfg.train.max_skips:
+        if self.meters.skipped > self.cfg.train.max_skips:
             raise UserError(
-                f"non-finite gradients at step {self.pos.step + 1}: {self.skipped} steps "
+                f"non-finite gradients at step {self.pos.step + 1}: {self.meters.skipped} steps "
                 f"skipped, more than train.max_skips={self.cfg.train.max_skips}"
             )
 
@@ -292,9 +308,9 @@ class Engine:
         count = torch.tensor(float(micro_count), device=self.device)
         totals = dist.all_reduce_sum(torch.stack([loss_sum, count]))
         loss = (totals[0] / totals[1]).item()
-        self.last_train_loss = loss
+        self.meters.last_train_loss = loss
         rates = self.meter.read()
-        self.images_per_sec = rates["images_per_sec"]
+        self.meters.images_per_sec = rates["images_per_sec"]
         record = {
             "step": self.pos.step,
             "epoch": self.epochs_done(),
@@ -303,7 +319,7 @@ class Engine:
             "elapsed_s": time.perf_counter() - self.start,  # since this attempt's fit() began
             **rates,  # images/s, step time, data wait, memory; on CUDA TFLOP/s and MFU
             # non-finite steps dropped, plus fp16 steps the loss scaler skipped
-            "skipped_steps": self.skipped + int(self.overflows),
+            "skipped_steps": self.meters.skipped + int(self.meters.overflows),
             "data_errors": self.loaders.errors.skipped,  # unreadable samples, this rank
         }
         if grad_norm is not None:

@@ -126,11 +126,12 @@ def test_fsdp_checkpoint_exports_predicts_initialises_and_resumes_on_one_rank(tm
     started, _, _ = models.prepare(cfg, 10, torch.device("cpu"))
     assert_same_params(started.state_dict(), model.state_dict(), rtol=0, atol=0)
 
-    # Rank 1's shard of step 6 cut short: the run goes back to step 4, on one process (the
-    # global batch is kept), and ends where the two-rank run ended.
+    # Rank 1's shard of step 6 cut short: the run goes back to step 4, on one process without
+    # FSDP (the shards load into the plain model; the global batch is kept), and ends where the
+    # two-rank run ended.
     with open(step6 / "__1_0.distcp", "r+b") as f:
         f.truncate(100)
-    resumed = config.load(run_dir / "config.yaml", ["strategy.name=fsdp", "train.batch_size=32"])
+    resumed = config.load(run_dir / "config.yaml", ["strategy.name=single", "train.batch_size=32"])
     with pytest.warns(UserWarning, match=r"step_00000006.*incomplete: __1_0.distcp has 100 of"):
         assert train(resumed)["steps"] == 6
     assert "resumed at step 4" in capsys.readouterr().out

@@ -34,12 +34,11 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) ->
 
 def load(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> None:
     """A collective: each rank reads the parts of every file its shards cover."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     weights, moments = get_state_dict(model, optimizer)
     state = {"model": weights, "optimizer": moments}
-    dcp.load(state, checkpoint_id=directory)
+    _read(state, directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])  # fmt: skip
 
@@ -73,7 +72,6 @@ def verify(directory: str | Path) -> None:
 def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
     """The plain model state_dict, in one process with no process group: loads strict into
     the model as built (export, predict, init_from)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     prefix = "model."
@@ -82,7 +80,15 @@ def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
         for key, meta in _metadata(directory).state_dict_metadata.items()
         if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
+    _read({"model": state}, directory)
+    return state
+
+
+def _read(state: dict[str, Any], directory: str | Path) -> None:
+    """dcp.load into `state`; in one process where no process group is up."""
+    import torch.distributed.checkpoint as dcp
+
+    alone = not td.is_initialized()
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": state}, checkpoint_id=directory, no_dist=True)
-    return state
+        dcp.load(state, checkpoint_id=directory, no_dist=alone)
