@@ -71,10 +71,15 @@ def _store(env: Env, timeout: datetime.timedelta) -> td.Store:
     """The env:// store, under a prefix of its own for each torchrun restart. After a restart
     torchrun hands the new workers the same agent store, which still holds the failed
     attempt's gloo addresses: without the prefix the new group dials dead ports and never
-    forms (seen with torch 2.14 under --max-restarts)."""
+    forms (seen with torch 2.14 under --max-restarts). Without the shared agent store
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as launch/multi_node.sh sets) every rendezvous
+    round gets a fresh store and no prefix: the restart count is per node, and a node that
+    joins an elastic job later counts from 0 while the others have restarted."""
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     store, _, _ = next(td.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return td.PrefixStore(f"distnn/attempt_{attempt}", store)
 
