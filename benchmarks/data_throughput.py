@@ -7,7 +7,8 @@ quality 90), shards them with `python -m distnn.data.shard`, then measures train
 with 1 and 2 worker processes for:
 - shards: distnn's shard loader (indexed read, PIL decode, seeded train augmentation,
   batches collated in the workers) — what training uses;
-- shards, streamed: the same with the sidecar index removed (webdataset parses each tar);
+- shards, streamed: the same with the sidecar index removed, as another tool's shards come (each
+  worker scans the tars' headers once and reads members by offset);
 - ImageFolder: torchvision's ImageFolder + DataLoader with the same transforms (PIL decode,
   then pad-4 random crop + flip, or random-resized crop + flip, on uint8 tensors);
 - bare decode+augment: a loop over the same bytes already in memory with the same decoder and

@@ -300,19 +300,18 @@ def check_compatible(
 
 
 def resume_notes(state: dict[str, Any], cfg: Config, world_size: int) -> list[str]:
-    """What makes this resume differ from the uninterrupted run, one line each. In-memory and
-    import-path sources order samples by global batch (data/order.py): at another world size
-    the same global batches follow where the global batch and accum_steps are kept. Shards'
-    order is still a function of the world size and data.workers."""
+    """What makes this resume differ from the uninterrupted run, one line each. Every source,
+    shards included, orders samples by global batch (data/order.py) whatever data.workers is:
+    at another world size the same global batches follow where the global batch and
+    accum_steps are kept."""
     then = state.get("world_size", len(state["rng"]))  # older checkpoints: one RNG per rank
     notes = []
     if then != world_size:
         saved = state["config"]["train"]
         before = saved["batch_size"] * saved["accum_steps"] * then
         after = global_batch(cfg, world_size)
-        same = before == after and saved["accum_steps"] == cfg.train.accum_steps
         head = f"note: the checkpoint was written by {then} processes, this run has {world_size}"
-        if same and cfg.data.source != "shards":
+        if before == after and saved["accum_steps"] == cfg.train.accum_steps:
             notes.append(
                 f"{head}: the same global batches of {after} follow, so it continues the "
                 "uninterrupted run (up to reduction order; each rank's random streams, such as "
@@ -322,21 +321,12 @@ def resume_notes(state: dict[str, Any], cfg: Config, world_size: int) -> list[st
             detail = (
                 f"the global batch changes from {before} to {after}"
                 if before != after
-                else "shards are read in another order"
-                if same
                 else "train.accum_steps changes"
             )
             notes.append(
                 f"{head}: it continues, but not exactly as an uninterrupted run ({detail}); "
                 f"resume on {then} processes for that"
             )
-    workers = state["config"]["data"]["workers"]
-    if cfg.data.source == "shards" and workers != cfg.data.workers:
-        notes.append(
-            f"note: the checkpoint's run read shards with data.workers={workers}, this one "
-            f"with {cfg.data.workers}: its sample order differs from the uninterrupted run's "
-            f"(set data.workers={workers} to resume exactly)"
-        )
     return notes
 
 

@@ -1,26 +1,30 @@
-"""Sample order as a pure function of (seed, epoch, world size, rank): nothing to save but the
-epoch and the number of batches consumed, and the same global batches at any world size.
+"""Sample order as a pure function of (seed, epoch, global batch): nothing to save but the epoch
+and the number of batches consumed, and the same global batches at any world size and any
+number of DataLoader workers — for every source, shards included.
 
-Shards (ShardOrder) add the reader slot to the function: (seed, epoch, world, rank, workers).
-- Train, epoch e: permute the shard list with (seed, e) and each shard's samples with
-  (seed, e, shard); concatenate them into one stream. Rank r reads the stream's r-th run of
-  `steps × batch_size` samples; the rest (< batch × world × accum samples, a different tail
-  each epoch) is left out. So every rank runs exactly `steps` batches however many shards
-  there are: with fewer shards than ranks × workers, a shard is read by two readers, each
-  taking its own members.
-- Inside a rank, batch t belongs to reader slot t mod W (W = data.workers: the DataLoader deals
-  batches to workers in turn); each slot reads its own contiguous part of the rank's run, so
-  a worker reads few shards, one after another. Which worker reads a batch never changes what
-  the batch holds.
-- Eval: rank r takes the r-th contiguous 1/world of the samples in manifest order, its slots
-  contiguous parts of that: each sample once, nothing padded, each rank reading its own shards
-  (cheaper than sample i → rank i mod world, which would make every rank read every shard).
+Train, every source: epoch e's samples form one stream, seeded by (seed, e); global batch t is
+the stream's t-th run of `batch_size × world` samples and rank r takes every world-th of them
+(positions r, r + world, …). So the union of all ranks' batch t is batch t of one process with
+world × the batch, and a run resumes exactly on another number of processes when the global
+batch (`batch_size × world`) and accum_steps are kept. An epoch is `steps` batches on every rank
+(`train_steps`); the rest of the stream, less than one optimizer step's samples, is left out.
+- In memory and import paths (TrainBatches): the stream is a permutation of the sample indices.
+- Shards (ShardOrder): the shard list permuted with (seed, e), each shard's members permuted with
+  (seed, e, shard), concatenated. A global batch is a run of the stream, one or two shards
+  where a shard holds more than a global batch, so a batch's reader opens one or two shards (it
+  reads members by offset: see pipeline.py) and a node's readers work on the same shard at a
+  time; every rank reads its share of every shard. The DataLoader deals a rank's batches to its
+  workers in turn: which process or worker reads a batch never changes what the batch holds.
+- Eval: every sample once, nothing padded. In memory, sample i goes to rank i mod world. Shards:
+  rank r takes the r-th contiguous 1/world of the samples in manifest order and its reader
+  slots (data.workers) contiguous parts of that, each rank reading its own shards; the order
+  of evaluation changes with the world size and workers, what is counted does not.
 - Resuming at batch k skips by arithmetic: no shard before it is opened.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -80,7 +84,8 @@ class EvalBatches(Sampler[list[Key]]):
 
 
 class ShardOrder(Sampler[Spec]):
-    """Yields this rank's batches of an epoch as Specs; `steps` and `set_epoch` as TrainBatches."""
+    """Yields this rank's batches of an epoch as Specs; `steps` and `set_epoch` as TrainBatches.
+    `workers` (reader slots) shapes the eval order only."""
 
     def __init__(
         self, counts: list[int], batch_size: int, world_size: int, rank: int, workers: int,
@@ -95,7 +100,7 @@ class ShardOrder(Sampler[Spec]):
         if train:
             self.steps = train_steps(self.n, batch_size, world_size, accum_steps)
         else:
-            self.steps = len(self._ranges(*self._span()))
+            self.steps = len(self._eval_ranges())
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -105,51 +110,59 @@ class ShardOrder(Sampler[Spec]):
     def __len__(self) -> int:
         return self.steps - self.start
 
-    def _span(self) -> tuple[int, int]:
-        """This rank's [lo, hi) in the epoch's stream."""
-        if self.train:
-            per_rank = self.steps * self.batch_size
-            return self.rank * per_rank, (self.rank + 1) * per_rank
+    def __iter__(self) -> Iterator[Spec]:
+        if not self.train:
+            lo, hi = self._eval_span()
+            rows = self._rows(range(len(self.counts)), lo, hi)
+            for start, end in self._eval_ranges()[self.start :]:
+                yield self.epoch, rows[start - lo : end - lo]
+            return
+        # This rank's stream positions: every world-th one from lo (≡ rank) up to hi.
+        per_batch = self.batch_size * self.world_size
+        lo, hi = self.start * per_batch + self.rank, self.steps * per_batch
+        shards = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts))
+        pending = np.zeros((0, 3), dtype=np.int64)
+        for rows in self._chunks(shards.tolist(), lo, hi, self.world_size, self.epoch):
+            pending = np.concatenate([pending, rows])
+            full = len(pending) // self.batch_size * self.batch_size
+            for b in range(0, full, self.batch_size):
+                yield self.epoch, pending[b : b + self.batch_size]
+            pending = pending[full:]
+
+    def _chunks(
+        self, shards: Iterable[int], lo: int, hi: int, step: int = 1, epoch: int | None = None
+    ) -> Iterator[np.ndarray]:
+        """(shard, member, global index) rows of stream positions lo, lo + step, … below hi, one
+        array per shard, in stream order; members permuted with (seed, epoch, shard) when an
+        epoch is given. Shards before lo cost a subtraction, none after hi is visited."""
+        pos = 0
+        for s in shards:
+            count = int(self.counts[s])
+            first = max(pos, lo)
+            a, b = first + (lo - first) % step - pos, min(pos + count, hi) - pos
+            if a < b:
+                m = np.arange(a, b, step)
+                if epoch is not None:
+                    m = np.random.default_rng([self.seed, epoch, s]).permutation(count)[m]
+                yield np.stack([np.full(len(m), s), m, self.first[s] + m], axis=1)
+            pos += count
+            if pos >= hi:
+                return
+
+    def _rows(self, shards: Iterable[int], lo: int, hi: int) -> np.ndarray:
+        rows = list(self._chunks(shards, lo, hi))
+        return np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
+
+    def _eval_span(self) -> tuple[int, int]:
+        """This rank's [lo, hi) of the eval samples in manifest order."""
         return self.n * self.rank // self.world_size, self.n * (self.rank + 1) // self.world_size
 
-    def _ranges(self, lo: int, hi: int) -> list[tuple[int, int]]:
-        """Batch t's [start, end) within this rank's run, in the order batches are yielded."""
-        b, w = self.batch_size, self.slots
-        if self.train:
-            per_slot = [len(range(s, self.steps, w)) for s in range(w)]
-            base = np.concatenate([[0], np.cumsum(per_slot)])
-            return [
-                ((base[t % w] + t // w) * b, (base[t % w] + t // w + 1) * b)
-                for t in range(self.steps)
-            ]
-        size = hi - lo
-        slots = [(size * s // w, size * (s + 1) // w) for s in range(w)]
+    def _eval_ranges(self) -> list[tuple[int, int]]:
+        """Eval batches' [start, end) positions, in the order they are yielded: each reader slot
+        a contiguous part of the rank's span, the slots' batches dealt in turn."""
+        lo, hi = self._eval_span()
+        b, w, size = self.batch_size, self.slots, hi - lo
+        slots = [(lo + size * s // w, lo + size * (s + 1) // w) for s in range(w)]
         chunks = [[(i, min(i + b, end)) for i in range(start, end, b)] for start, end in slots]
         longest = max(len(c) for c in chunks)
         return [c[j] for j in range(longest) for c in chunks if j < len(c)]
-
-    def _stream(self, epoch: int, lo: int, hi: int) -> np.ndarray:
-        """(shard, member) pairs of stream positions [lo, hi), opening no shard outside it."""
-        shards = np.arange(len(self.counts))
-        if self.train:
-            shards = np.random.default_rng([self.seed, epoch]).permutation(shards)
-        parts, pos = [], 0
-        for s in shards.tolist():
-            count = int(self.counts[s])
-            a, b = max(lo - pos, 0), min(hi - pos, count)
-            pos += count
-            if a >= b:
-                continue
-            members = np.arange(count)
-            if self.train:
-                members = np.random.default_rng([self.seed, epoch, s]).permutation(count)
-            parts.append(np.stack([np.full(b - a, s), members[a:b]], axis=1))
-        return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
-
-    def __iter__(self) -> Iterator[Spec]:
-        lo, hi = self._span()
-        run = self._stream(self.epoch, lo, hi)
-        index = self.first[run[:, 0]] + run[:, 1]
-        items = np.concatenate([run, index[:, None]], axis=1).astype(np.int64)
-        for start, end in self._ranges(lo, hi)[self.start :]:
-            yield self.epoch, items[start:end]
