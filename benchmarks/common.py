@@ -41,26 +41,37 @@ def timed(run: Callable[[], int], repeats: int) -> dict:
     return summarize(rates)
 
 
-def _git_commit() -> str:
+def _git(*args: str) -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=RESULTS.parent,
-            timeout=10,
+            ["git", *args], capture_output=True, text=True, cwd=RESULTS.parent, timeout=10
         )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() or "unknown"
 
 
+# The instruction sets that decide the figures: fp32 SIMD width, and whether bf16 is native.
+SIMD = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "asimd",
+        "sve", "bf16")  # fmt: skip
+
+
+def _cpu() -> tuple[str, list[str]]:
+    """The CPU's model name and its flags (x86 `flags`, Arm `Features`), from /proc/cpuinfo."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown", []
+    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+    flags = next((ln.split(":", 1)[1].split() for ln in lines
+                  if ln.startswith(("flags", "Features"))), [])  # fmt: skip
+    return (names[0] if names else "unknown"), flags
+
+
 def machine() -> dict:
-    """CPU model, cores, GPU, library versions, git commit, load: beside every figure."""
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    """CPU model and flags, cores, GPU, library versions, git commit (and `git describe
+    --dirty`: whether the tree had uncommitted changes), load: beside every figure."""
+    cpu, flags = _cpu()
     import PIL
     import torchvision
 
@@ -71,6 +82,7 @@ def machine() -> dict:
 
     return {
         "cpu": cpu,
+        "cpu_flags": flags,
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "platform": platform.platform(),
@@ -79,7 +91,8 @@ def machine() -> dict:
         "torchvision": torchvision.__version__,
         "webdataset": webdataset.__version__ if webdataset else None,
         "pillow": PIL.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_describe": _git("describe", "--always", "--dirty"),
         "load_avg_start": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
@@ -88,15 +101,24 @@ def machine() -> dict:
 def describe(m: dict) -> str:
     """The machine line under a results table."""
     where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores"
+    if not m["gpu"] and "cpu_flags" in m:  # results written before flags were recorded lack it
+        simd = [f for f in SIMD if f in m["cpu_flags"]]
+        if m["cpu_flags"] and not {"avx512_bf16", "amx_bf16", "bf16"} & set(simd):
+            simd.append("no avx512_bf16 or AMX: bf16 emulated")
+        where += f" ({', '.join(simd)})" if simd else ""
     return (
-        f"{where}; torch {m['torch']}; commit {m['git_commit']}; {m['date']}. "
+        f"{where}; torch {m['torch']}; commit {m.get('git_describe', m['git_commit'])}; "
+        f"{m['date']}. "
         f"Load average {m['load_avg_start'][0]:.2f} at start, {m['load_avg_end'][0]:.2f} at end."
     )
 
 
-def save(out: Path, name: str, results: dict, markdown: Callable[[dict], str]) -> dict:
-    """Stamp the load at the end and write results/<name>.json and its table <name>.md."""
-    results["machine"]["load_avg_end"] = os.getloadavg()
+def save(
+    out: Path, name: str, results: dict, markdown: Callable[[dict], str], stamp: str = "machine"
+) -> dict:
+    """Stamp the load at the end (on results[stamp], the machine line of what just ran) and
+    write results/<name>.json and its table <name>.md."""
+    results[stamp]["load_avg_end"] = os.getloadavg()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / f"{name}.md").write_text(markdown(results))

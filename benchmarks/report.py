@@ -62,18 +62,23 @@ def plot_scaling(results: dict, ax: plt.Axes) -> None:
 
 
 def plot_memory(results: dict, ax: plt.Axes) -> None:
-    """Per-rank GiB: the formula, the peak and what stays resident, per strategy."""
+    """Per-rank GiB: the formula, build + setup, the peak and what stays resident, per
+    strategy."""
     rows = results["rows"]
     x = range(len(rows))
-    ax.bar([j - 0.27 for j in x], [r["predicted_bytes"] / GiB for r in rows], 0.27,
+    bars = [("setup_bytes", "build + setup"), ("peak_bytes", "peak of the steps"),
+            ("resident_bytes", "resident after steps")]  # fmt: skip
+    bars = [b for b in bars if b[0] in rows[0]]  # results from before setup was measured
+    width = 0.8 / (len(bars) + 1)
+    ax.bar([j - 0.4 + width / 2 for j in x], [r["predicted_bytes"] / GiB for r in rows], width,
            label="formula")  # fmt: skip
-    for i, (key, label) in enumerate((("peak_bytes", "peak"),
-                                      ("resident_bytes", "resident after steps"))):  # fmt: skip
+    for i, (key, label) in enumerate(bars, 1):
         stats = [{k: v / GiB for k, v in r[key].items() if k != "runs"} for r in rows]
-        ax.bar([j + i * 0.27 for j in x], [s["median"] for s in stats], 0.27,
-               yerr=_errors(stats), capsize=3, label=label)  # fmt: skip
-    ax.set_xticks(list(x), [r["case"] for r in rows])
-    ax.set(ylabel="GiB per rank", title=f"ZeRO memory, {rows[0]['params'] / 1e6:.0f} M params")
+        ax.bar([j - 0.4 + width * (i + 0.5) for j in x], [s["median"] for s in stats], width,
+               yerr=_errors(stats), capsize=2, label=label)  # fmt: skip
+    ax.set_xticks(list(x), [r["case"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="GiB per rank",
+           title=f"Memory per rank, {rows[0]['params'] / 1e6:.0f} M params")  # fmt: skip
     ax.legend(fontsize=7)
 
 

@@ -1,19 +1,28 @@
 """Training throughput: distnn's loop against a bare PyTorch loop, and 1 → 2 process scaling.
 
     python -m benchmarks.train_throughput [--quick] [--repeats 5] [--out benchmarks/results]
+                                          [--fsdp-only]
 
 - distnn vs bare: the same model, batch, optimizer, schedule and in-memory uint8 batches, run
   by distnn's Engine (single strategy, device prefetcher, metering, logging every 10 steps)
   and by a hand-written loop (normalise, forward, loss, backward, step). Both start from the
   same weights and must end on the same weights: the check that they do the same work. Timed
-  passes alternate between the two; images/s and the ratio distnn / bare per pair.
+  passes alternate between the two in ABBA order (distnn first in even pairs, the bare loop
+  in odd ones, so that neither always runs second); images/s and the ratio distnn / bare per
+  pair.
 - overhead: the same on one Linear layer at batch 64 (8 px), where the framework's per-step
   cost is all there is to see: microseconds per step, distnn minus bare.
 - weak scaling: torchrun with 1 and 2 processes of one thread each (DDP over gloo on CPU;
   one launch per process count times every row), the same per-process batch;
   efficiency = images/s at 2 ÷ (2 × images/s at 1); also with gradient accumulation 2 (half
   the all-reduces).
-On CUDA, ResNet-50 at 224 px runs in bf16 with channels_last as well.
+- FSDP vs DDP: in the same 2-process launch, distnn's FSDP2 strategy (each block sharded,
+  then the root; the model built eagerly and then sharded, since only the step is timed)
+  against DDP on the same model, per-process batch and data, from the same weights; passes
+  alternate ABBA, images/s and the ratio FSDP / DDP per pair; at the end both must hold the
+  same weights (FSDP's gathered). The quick run times the tutorial CNN only.
+On CUDA, ResNet-50 at 224 px runs in bf16 with channels_last as well. On a CPU without bf16
+instructions (avx512_bf16, AMX) the bf16 rows are left out, and the table says so.
 Writes results/train_throughput.json and .md.
 """
 
@@ -69,8 +78,8 @@ class Case:
     """One model × batch × precision, ready to run `steps` optimizer steps either way."""
 
     def __init__(self, name: str, size: int, batch: int, precision: str, steps: int,
-                 accum: int = 1, run_dir: Path | None = None,
-                 log_every: int = 10) -> None:  # fmt: skip
+                 accum: int = 1, run_dir: Path | None = None, log_every: int = 10,
+                 strategy: str = "auto") -> None:  # fmt: skip
         self.env = parallel.detect()
         self.device = dist.device_for(self.env)
         channels_last = precision != "fp32" and self.device.type == "cuda"
@@ -81,6 +90,7 @@ class Case:
             f"train.log_every={log_every}",
             "ckpt.epoch_end=false", "ckpt.resume=never", f"precision={precision}",
             f"model.channels_last={channels_last}", "sched.warmup_steps=0",
+            f"strategy.name={strategy}",
         ])  # fmt: skip
         self.precision = precision_lib.build(precision, self.device)
         self.name, self.size, self.batch, self.accum, self.steps = name, size, batch, accum, steps
@@ -164,6 +174,11 @@ def assert_same_work(case: Case) -> None:
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{case.name}: {name}")
 
 
+def abba(pair: list, i: int) -> list:
+    """The pair in ABBA order: as given in even passes, reversed in odd ones."""
+    return pair if i % 2 == 0 else pair[::-1]
+
+
 def compare(case: Case, repeats: int) -> dict:
     """Alternating timed passes of distnn and the bare loop (after one warm-up each). Both
     pass the same model, batch and number of steps; in fp32 they also end on the same weights
@@ -175,8 +190,9 @@ def compare(case: Case, repeats: int) -> dict:
     case.bare()
     assert case.run_distnn(engine) == case.run_bare() == case.steps * case.batch
     ours, theirs = [], []
-    for _ in range(repeats):
-        for rates, fn in ((ours, lambda: case.run_distnn(engine)), (theirs, case.run_bare)):
+    for i in range(repeats):
+        pair = [(ours, lambda: case.run_distnn(engine)), (theirs, case.run_bare)]
+        for rates, fn in abba(pair, i):
             t = time.perf_counter()
             n = fn()
             rates.append(n / (time.perf_counter() - t))
@@ -184,6 +200,7 @@ def compare(case: Case, repeats: int) -> dict:
     return {
         "model": case.name, "image_size": case.size, "batch": case.batch,
         "precision": case.precision.name, "steps": case.steps, "log_every": case.log_every,
+        "order": "ABBA",
         "same_work_checked": "images and final weights" if fp32 else "images",
         "distnn": summarize(ours), "bare": summarize(theirs),
         "ratio": summarize([a / b for a, b in zip(ours, theirs, strict=True)]),
@@ -195,9 +212,10 @@ def compare(case: Case, repeats: int) -> dict:
 
 def scaling_worker(args: argparse.Namespace) -> None:
     """One torchrun process: for each (model, batch, accum, steps) of the plan, time `repeats`
-    passes of `steps` DDP steps in one process group; rank 0 reports."""
+    passes of `steps` DDP steps in one process group; then each (model, batch, steps) of
+    `versus`, FSDP against DDP; rank 0 reports."""
     env = parallel.detect()
-    reports = []
+    reports, versus = [], []
     with tempfile.TemporaryDirectory() as tmp, dist.process_group(env, config.load(None).dist):
         for model, batch, accum, steps in json.loads(args.plan):
             case = Case(model, 32, batch, "fp32", steps, accum, Path(tmp))
@@ -211,18 +229,94 @@ def scaling_worker(args: argparse.Namespace) -> None:
                 rates.append(n * env.world_size / (time.perf_counter() - t))
             engine.run.close()
             reports.append(summarize(rates))
+        for model, batch, steps in json.loads(args.versus):
+            versus.append(fsdp_vs_ddp(model, batch, steps, args.repeats, Path(tmp)))
         initialized = torch.distributed.is_initialized()  # not for a lone process
         backend = torch.distributed.get_backend() if initialized else None
     if env.is_main:
-        Path(args.worker).write_text(json.dumps({"backend": backend, "rows": reports}))
+        out = {"backend": backend, "rows": reports, "versus": versus}
+        Path(args.worker).write_text(json.dumps(out))
 
 
-def scaling(plan: list[tuple], nproc: int, repeats: int) -> dict:
+def fsdp_vs_ddp(model: str, batch: int, steps: int, repeats: int, run_dir: Path) -> dict:
+    """Images/s (all ranks) of FSDP and of DDP on the same model, per-process batch and data
+    from the same weights, passes in ABBA order after a warm-up of each; the ratio per pair.
+    Both have then done the same steps: their weights must agree."""
+    cases = {name: Case(model, 32, batch, "fp32", steps, run_dir=run_dir, strategy=name)
+             for name in ("ddp", "fsdp")}  # fmt: skip
+    built = {name: case.distnn() for name, case in cases.items()}
+    world = cases["ddp"].env.world_size
+    rates: dict[str, list[float]] = {"ddp": [], "fsdp": []}
+
+    def timed(name: str) -> None:
+        dist.barrier()
+        t = time.perf_counter()
+        n = cases[name].run_distnn(built[name][0])
+        rates[name].append(n * world / (time.perf_counter() - t))
+
+    for name in cases:  # warm-up
+        cases[name].run_distnn(built[name][0])
+    for i in range(repeats):
+        for name in abba(["ddp", "fsdp"], i):
+            timed(name)
+    # FSDP's parameters are shards (DTensors): every rank gathers them, the collective way.
+    ddp_params = dict(built["ddp"][1].named_parameters())
+    diff = 0.0
+    for name, p in built["fsdp"][1].named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        q = ddp_params[name]
+        torch.testing.assert_close(full, q, rtol=1e-4, atol=1e-5, msg=f"{model}: {name}")
+        diff = max(diff, (full - q).abs().max().item())
+    strategies = {}
+    for name, (engine, _) in built.items():
+        strategies[name] = engine.strategy.describe()
+        engine.run.close()
+    pairs = zip(rates["fsdp"], rates["ddp"], strict=True)
+    return {"model": model, "batch": batch, "steps": steps, "order": "ABBA",
+            "strategies": strategies, "ddp": summarize(rates["ddp"]),
+            "fsdp": summarize(rates["fsdp"]), "ratio": summarize([f / d for f, d in pairs]),
+            "same_work_checked": "images and final weights",
+            "max_abs_weight_diff": diff}  # fmt: skip
+
+
+def scaling(plan: list[tuple], nproc: int, repeats: int, versus: list[tuple] = ()) -> dict:
     """Images/s of each row of the plan on `nproc` processes (one launch for all of them),
-    and the process group's backend."""
-    args = [f"--plan={json.dumps(plan)}", f"--repeats={repeats}"]
-    timeout = 300 + 120 * len(plan) * (repeats + 1)  # a hang's limit, not a budget
+    and the process group's backend; with `versus` rows, FSDP against DDP in the same launch."""
+    args = [f"--plan={json.dumps(plan)}", f"--versus={json.dumps(list(versus))}",
+            f"--repeats={repeats}"]  # fmt: skip
+    # A hang's limit, not a budget.
+    timeout = 300 + 120 * (len(plan) + 2 * len(versus)) * (repeats + 1)
     return torchrun_job("benchmarks.train_throughput", nproc, args, timeout, OMP_NUM_THREADS="1")
+
+
+def scaled_models(quick: bool) -> list[tuple[str, int, int]]:
+    """(model, batch per process, steps) of the 2-process rows: scaling and FSDP vs DDP."""
+    return [("tutorial_cnn", 64, 10 if quick else 30)] + ([] if quick else [("resnet18", 32, 10)])
+
+
+def run_fsdp_only(repeats: int, out: Path) -> dict:
+    """FSDP against DDP alone (full size), put into the results already in `out` in place of
+    their FSDP rows: the other rows stay as recorded, under their own machine line, and these
+    get one of their own (for a machine where the rest cannot be re-measured as it was: bf16
+    emulated, or others' load on the cores that the 2-thread rows would time)."""
+    path = out / "train_throughput.json"
+    if not path.is_file():
+        raise SystemExit(f"--fsdp-only adds to a full run's results: no {path}")
+    results = json.loads(path.read_text())
+    if results["quick"]:
+        raise SystemExit(f"--fsdp-only adds to a full run's results: {path} is a quick run's")
+    results["fsdp_vs_ddp_machine"], results["fsdp_vs_ddp_repeats"] = machine(), repeats
+    double = scaling([], 2, repeats, scaled_models(False))
+    results["fsdp_vs_ddp"] = double["versus"]
+    _print_fsdp(results)
+    return save(out, "train_throughput", results, markdown, stamp="fsdp_vs_ddp_machine")
+
+
+def _print_fsdp(results: dict) -> None:
+    for r in results["fsdp_vs_ddp"]:
+        print(f"{r['model']:12} 2 procs: FSDP {r['fsdp']['median']:.0f} img/s, DDP "
+              f"{r['ddp']['median']:.0f}, ratio {r['ratio']['median']:.3f} "
+              f"({r['ratio']['min']:.3f} - {r['ratio']['max']:.3f})", flush=True)  # fmt: skip
 
 
 def run(quick: bool, repeats: int, out: Path) -> dict:
@@ -240,9 +334,9 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
         cases.append(("resnet50", 224, 64 if cuda else 4, "fp32", 20 if cuda else 3))
     if cuda:
         cases.append(("resnet50", 224, 128, "bf16", 20 if quick else 50))
-    if quick and not cuda and not precision_lib.cpu_has_bf16():
-        # Emulated bf16 (no avx512_bf16 or AMX) runs ~25x slower than fp32: minutes of CI for
-        # rows that would time the emulation.
+    if not cuda and not precision_lib.cpu_has_bf16():
+        # Emulated bf16 (no avx512_bf16 or AMX) runs ~25x slower than fp32: rows that would
+        # time the emulation, for minutes of CI (quick) or about an hour (full: resnet18).
         cases = [c for c in cases if c[3] != "bf16"]
         results["skipped"] = "bf16 rows: this CPU has no avx512_bf16 or AMX (bf16 is emulated)"
     results["compare"] = []
@@ -255,9 +349,10 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
             print(f"{name:12} {prec} batch {batch:3} log/{every}: distnn "
                   f"{row['distnn']['median']:8.0f} img/s, bare {row['bare']['median']:8.0f}, ratio "
                   f"{row['ratio']['median']:.3f}", flush=True)  # fmt: skip
-    models = [("tutorial_cnn", 64, 10 if quick else 30)] + ([] if quick else [("resnet18", 32, 10)])
+    models = scaled_models(quick)
     plan = [(model, batch, accum, steps) for model, batch, steps in models for accum in (1, 2)]
-    single, double = scaling(plan, 1, repeats), scaling(plan, 2, repeats)
+    # FSDP against DDP (accumulation 1) rides on the 2-process launch: no start of its own.
+    single, double = scaling(plan, 1, repeats), scaling(plan, 2, repeats, models)
     results["scaling_backend"], results["scaling"] = double["backend"], []
     for (model, batch, accum, steps), one, two in zip(
         plan, single["rows"], double["rows"], strict=True
@@ -269,18 +364,22 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
         print(f"{model:12} accum {accum}: 1 proc {one['median']:.0f} img/s, "
               f"2 procs {two['median']:.0f}, efficiency {row['efficiency']:.2f}",
               flush=True)  # fmt: skip
+    results["fsdp_vs_ddp"] = double["versus"]
+    _print_fsdp(results)
     return save(out, "train_throughput", results, markdown)
 
 
 def markdown(results: dict) -> str:
     quick = " (quick run)" if results["quick"] else ""
+    # Rows recorded before the order was ABBA alternated AB AB.
+    abba_note = " (ABBA)" if all(r.get("order") == "ABBA" for r in results["compare"]) else ""
     lines = [
         "# Training throughput (images/s)",
         "",
         f"{describe(results['machine'])}{quick} Median of {results['repeats']} alternating "
-        "passes after a warm-up (min – max). Same model, batch, optimizer and in-memory data; "
-        "both pass the same number of images, and fp32 rows are checked to end on the same "
-        "weights.",
+        f"passes{abba_note} after a warm-up (min – max). Same model, batch, optimizer and "
+        "in-memory data; both pass the same number of images, and fp32 rows are checked to "
+        "end on the same weights.",
         "",
         *([f"Skipped: {results['skipped']}.", ""] if "skipped" in results else []),
         "| model | px | batch | precision | log every | distnn | bare loop | distnn ÷ bare "
@@ -304,15 +403,43 @@ def markdown(results: dict) -> str:
             f"| {r['model']} | {r['batch']} | {r['accum']} | {r['one']['median']:,.0f} "
             f"| {r['two']['median']:,.0f} | {r['efficiency']:.2f} |"
         )
+    apart = results.get("fsdp_vs_ddp_machine")  # run with --fsdp-only, after the rest
+    repeats = results.get("fsdp_vs_ddp_repeats", results["repeats"])
+    lines += ["", *([f"Run apart from the tables above (`--fsdp-only`): {describe(apart)}", ""]
+                    if apart else []),
+              f"FSDP against DDP, 2 processes over {results['scaling_backend']}, one thread "
+              "each, the same per-process batch and data from the same weights (checked to end "
+              f"on the same weights); images/s, median of {repeats} passes in ABBA "
+              "order (min – max):",
+              "", "| model | batch/process | steps | DDP | FSDP | FSDP ÷ DDP |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in results["fsdp_vs_ddp"]:
+        d, f, q = r["ddp"], r["fsdp"], r["ratio"]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['steps']} "
+            f"| {d['median']:,.0f} ({d['min']:,.0f} – {d['max']:,.0f}) "
+            f"| {f['median']:,.0f} ({f['min']:,.0f} – {f['max']:,.0f}) "
+            f"| {q['median']:.3f} ({q['min']:.3f} – {q['max']:.3f}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser("benchmarks.train_throughput", __doc__, "a CI-sized run (fewer steps)")
     p.add_argument("--plan", help=argparse.SUPPRESS)  # a worker's JSON rows to time
+    p.add_argument("--versus", default="[]", help=argparse.SUPPRESS)  # rows: FSDP vs DDP
+    p.add_argument(
+        "--fsdp-only",
+        action="store_true",
+        help="time FSDP against DDP alone and put those rows into OUT/train_throughput.json "
+        "(a full run's), beside the rows recorded there, with a machine line of their own",
+    )
     args = p.parse_args(argv)
     if args.worker:
         scaling_worker(args)
+        return
+    if args.fsdp_only:
+        print(markdown(run_fsdp_only(args.repeats, args.out)))
         return
     print(markdown(run(args.quick, args.repeats, args.out)))
 

@@ -17,8 +17,9 @@ from PIL import Image
 from distnn.precision import cpu_has_bf16
 from tests.conftest import ROOT, run_cli
 
-MACHINE = {"cpu", "cores", "gpu", "platform", "python", "torch", "torchvision", "webdataset",
-           "pillow", "git_commit", "load_avg_start", "load_avg_end", "date"}  # fmt: skip
+MACHINE = {"cpu", "cpu_flags", "cores", "gpu", "platform", "python", "torch", "torchvision",
+           "webdataset", "pillow", "git_commit", "git_describe", "load_avg_start", "load_avg_end",
+           "date"}  # fmt: skip
 STATS = {"median", "min", "max", "runs"}
 
 
@@ -49,6 +50,7 @@ def check_train(doc: dict) -> None:
     models = {r["model"] for r in doc["compare"]}
     assert {"linear", "tutorial_cnn", "resnet18"} <= models  # resnet50 224 px: full runs only
     for r in doc["compare"]:
+        assert r["order"] == "ABBA"
         for key in ("distnn", "bare", "ratio", "overhead_us_per_step"):
             stats(r[key], doc["repeats"])
         pairs = zip(r["distnn"]["runs"], r["bare"]["runs"], strict=True)
@@ -59,7 +61,7 @@ def check_train(doc: dict) -> None:
     precisions = {r["precision"] for r in doc["compare"]}
     if torch.cuda.is_available() or cpu_has_bf16():
         assert {"fp32", "bf16"} <= precisions and "skipped" not in doc
-    else:  # emulated bf16: the quick run leaves those rows out, and its table says why
+    else:  # emulated bf16: the run leaves those rows out, and its table says why
         assert precisions == {"fp32"} and "no avx512_bf16 or AMX" in doc["skipped"]
     for r in doc["scaling"]:
         one, two = stats(r["one"]), stats(r["two"])
@@ -67,18 +69,32 @@ def check_train(doc: dict) -> None:
     assert {r["accum"] for r in doc["scaling"]} == {1, 2}
     # Two ranks need two GPUs: with fewer, the scaling runs on CPU.
     assert doc["scaling_backend"] == ("nccl" if torch.cuda.device_count() >= 2 else "gloo")
+    # FSDP against DDP on 2 processes: the tutorial CNN at least (resnet18: full runs only).
+    assert "tutorial_cnn" in {r["model"] for r in doc["fsdp_vs_ddp"]}
+    for r in doc["fsdp_vs_ddp"]:
+        assert r["order"] == "ABBA" and r["same_work_checked"] == "images and final weights"
+        assert r["strategies"]["fsdp"].startswith("fsdp over")
+        assert r["strategies"]["ddp"].startswith("ddp over")
+        pairs = zip(stats(r["fsdp"], doc["repeats"])["runs"], stats(r["ddp"])["runs"], strict=True)
+        assert stats(r["ratio"])["runs"] == pytest.approx([f / d for f, d in pairs])
 
 
 def check_memory(doc: dict) -> None:
     cases = [r["case"] for r in doc["rows"]]
-    assert cases == ["ddp", "zero1", "zero2", "zero3", "zero2_offload"]
+    # The quick run covers FSDP with its bf16 and offload options in one case.
+    fsdp = ["fsdp_bf16_offload"] if doc["quick"] else [
+        "fsdp", "fsdp_offload", "fsdp_bf16", "fsdp_bf16_offload"]  # fmt: skip
+    assert cases == ["ddp", "zero1", "zero2", "zero3", "zero2_offload", *fsdp]
     psi, n = doc["rows"][0]["params"], doc["rows"][0]["world_size"]
     assert n == 2
-    formula = {"ddp": 16 * psi, "zero1": 8 * psi + 12 * psi / n, "zero3": 20 * psi / n}
-    ddp = doc["rows"][0]
+    formula = {"ddp": 16 * psi, "zero1": 8 * psi + 12 * psi / n, "zero3": 20 * psi / n,
+               **{case: 16 * psi / n for case in fsdp}}  # fmt: skip
+    ddp, zero3 = doc["rows"][0], doc["rows"][3]
     for r in doc["rows"]:
         assert r["params"] == psi and len(r["runs"]) == doc["repeats"]
-        for key, per_rank in (("peak", "bytes_per_rank"), ("resident", "resident_bytes_per_rank")):
+        assert stats(r["seconds"], doc["repeats"])["min"] > 0
+        for key, per_rank in (("peak", "bytes_per_rank"), ("resident", "resident_bytes_per_rank"),
+                              ("setup", "setup_bytes_per_rank")):  # fmt: skip
             assert all(len(run[per_rank]) == n for run in r["runs"])
             assert stats(r[f"{key}_bytes"], doc["repeats"])["runs"] == [
                 max(run[per_rank]) for run in r["runs"]
@@ -87,9 +103,15 @@ def check_memory(doc: dict) -> None:
             median = r[f"{key}_bytes"]["median"]
             assert r[f"{key}_ratio"] == pytest.approx(median / r["predicted_bytes"])
             assert r[f"{key}_vs_ddp"] == pytest.approx(median / ddp[f"{key}_bytes"]["median"])
+            zero3_median = zero3[f"{key}_bytes"]["median"]
+            assert r[f"{key}_vs_zero3"] == pytest.approx(median / zero3_median)
         if r["case"] in formula:
             assert r["predicted_bytes"] == pytest.approx(formula[r["case"]])
-    assert "CPUAdam" in doc["rows"][-1]["strategy"]  # the offload row ran DeepSpeed's optimizer
+    assert "CPUAdam" in doc["rows"][4]["strategy"]  # the offload row ran DeepSpeed's optimizer
+    for r in doc["rows"][5:]:  # each FSDP row ran the options it names, built on meta
+        assert r["strategy"].startswith("fsdp over") and "meta device" in r["strategy"]
+        assert ("offload cpu" in r["strategy"]) == r["case"].endswith("_offload")
+        assert ("precision bf16" in r["strategy"]) == ("bf16" in r["case"])
 
 
 def check_end_to_end(doc: dict) -> None:
