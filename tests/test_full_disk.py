@@ -130,9 +130,10 @@ def test_full_disk_in_a_directory_checkpoint_keeps_the_last_one(disk):
     def shards(numel: int) -> Callable[[Path], None]:
         return lambda directory: torch.save(torch.zeros(numel), str(directory / "shard.pt"))
 
-    ckpt.save({"strategy": {}, "step": 1}, 1, save_shards=shards(1000))
+    ds = {"format": "deepspeed"}  # a directory of DeepSpeed's shards
+    ckpt.save({"strategy": ds, "step": 1}, 1, save_shards=shards(1000))
     with pytest.raises(UserError) as e:
-        ckpt.save({"strategy": {}, "step": 2}, 2, save_shards=shards(1 << 20))  # 4 MiB
+        ckpt.save({"strategy": ds, "step": 2}, 2, save_shards=shards(1 << 20))  # 4 MiB
     assert str(e.value) == f"cannot write {disk}/checkpoints/step_00000002: {FULL}"
     assert leftovers(disk) == []
     assert (disk / "checkpoints" / "latest").read_text() == "step_00000001\n"

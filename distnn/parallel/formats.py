@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from distnn.errors import UserError
 from distnn.parallel import dcp, deepspeed
 
 
@@ -27,4 +28,8 @@ FORMATS = {
 
 def of(strategy_state: dict[str, Any]) -> Format:
     """The format of a checkpoint's strategy state (read from a directory: it has "shards")."""
-    return FORMATS[strategy_state["format"]]
+    name = strategy_state.get("format")
+    if name not in FORMATS:
+        raise UserError(f"checkpoint holds shards of an unknown format {name!r}; known: "
+                        f"{', '.join(FORMATS)}")  # fmt: skip
+    return FORMATS[name]
