@@ -327,29 +327,45 @@ def resume_notes(state: dict[str, Any], cfg: Config, world_size: int) -> list[st
                 f"{head}: it continues, but not exactly as an uninterrupted run ({detail}); "
                 f"resume on {then} processes for that"
             )
+        if cfg.train.mixup_alpha or cfg.train.cutmix_alpha:
+            notes.append(
+                "note: MixUp/CutMix pair samples within each process's micro-batch: at another "
+                "world size the pairs, and so the loss curve, differ"
+            )
+    if cfg.train.ema_decay and not state["config"]["train"].get("ema_decay"):
+        notes.append("note: the checkpoint holds no EMA: it starts from the resumed weights")
     return notes
 
 
-def model_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+def model_state(state: dict[str, Any], ema: bool = False) -> dict[str, torch.Tensor]:
     """The plain model state_dict inside a checkpoint (or an export, which is only that);
-    from sharded checkpoints, consolidated in fp32."""
+    from sharded checkpoints, consolidated in fp32. `ema`: the EMA of the weights instead."""
     if "strategy" not in state:
         return state["model"]
-    if "shards" in state["strategy"]:
-        return formats.of(state["strategy"]).consolidate(state["strategy"]["shards"])
-    return state["strategy"]["model"]
+    strategy = state["strategy"]
+    if ema and strategy.get("ema") is not None:
+        return strategy["ema"]
+    if "shards" in strategy:
+        return formats.of(strategy).consolidate(strategy["shards"], "ema" if ema else "model")
+    if ema:
+        raise UserError("the checkpoint holds no EMA weights (its run had train.ema_decay=0)")
+    return strategy["model"]
 
 
-def export(source: str | Path, out: str | Path) -> Path:
+def export(source: str | Path, out: str | Path, ema: bool | None = None) -> Path:
     """A plain model state_dict at OUT (loads strict into the zoo or torchvision builder) and
-    OUT with .json: what predict needs to rebuild the model and its preprocessing."""
+    OUT with .json: what predict needs to rebuild the model and its preprocessing. `ema`: the
+    EMA of the weights rather than the weights (default: the run's ckpt.export_ema)."""
     state = load_file(source)
+    cfg = state["config"]
+    if ema is None:
+        ema = cfg["ckpt"].get("export_ema", False)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(model_state(state), out)
-    cfg = state["config"]
+    atomic_save(model_state(state, ema), out)
     meta = {
         "model": cfg["model"]["name"],
+        "weights": "ema" if ema else "model",
         "num_classes": len(state["classes"]),
         "image_size": cfg["data"]["image_size"],
         "classes": list(state["classes"]),
@@ -378,8 +394,13 @@ def main(argv: list[str] | None = None) -> None:
     ex = sub.add_parser("export", help="write a plain state_dict (+ .json) from a checkpoint")
     ex.add_argument("source", help="run directory or checkpoint file")
     ex.add_argument("out", help="output .pt path")
+    ex.add_argument(
+        "--weights",
+        choices=("model", "ema"),
+        help="the weights, or their EMA (default: the run's ckpt.export_ema)",
+    )
     args = p.parse_args(argv)
-    out = export(args.source, args.out)
+    out = export(args.source, args.out, None if args.weights is None else args.weights == "ema")
     print(f"exported {out} and {out.with_suffix('.json')}")
 
 

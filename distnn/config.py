@@ -133,6 +133,21 @@ class TrainConfig:
         "(checked every step: one host sync per step)",
     )
     max_skips: int = _f(10, "nonfinite=skip: raise after this many skipped steps")
+    mixup_alpha: float = _f(
+        0.0, "MixUp: Beta(α, α) mixing of batch pairs (0: off; timm recipes 0.1-0.8)"
+    )
+    cutmix_alpha: float = _f(
+        0.0, "CutMix: Beta(α, α) box of the paired image (0: off; typically 1.0)"
+    )
+    mix_prob: float = _f(1.0, "probability that a batch is mixed when MixUp or CutMix is on")
+    mix_switch_prob: float = _f(
+        0.5, "with both on: probability that a mixed batch takes CutMix rather than MixUp"
+    )
+    ema_decay: float = _f(
+        0.0, "EMA of the weights, evaluated beside them as val_*_ema (0: off; e.g. 0.9998)"
+    )
+    ema_warmup: bool = _f(False, "ramp the EMA decay up from 0 (timm's warmup: 1-(1+n)^-2/3)")
+    ema_every: int = _f(1, "optimizer steps between EMA updates")
 
 
 @dataclass
@@ -212,6 +227,9 @@ class CkptConfig:
     best_metric: str = _f("val_top1", "eval metric that picks checkpoints/best.pt")
     best_mode: Literal["max", "min"] = _f("max", "whether a larger best_metric is better")
     requeue: bool = _f(True, "on preemption under Slurm, rank 0 runs scontrol requeue")
+    export_ema: bool = _f(
+        False, "export (and W&B's model.pt) takes the EMA weights (train.ema_decay > 0)"
+    )
 
 
 @dataclass
@@ -481,9 +499,34 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.optim.head_lr_scale < 0:
         raise UserError(f"optim.head_lr_scale must be >= 0, got {cfg.optim.head_lr_scale}")
+    _check_recipe(cfg)
     if len(cfg.optim.betas) != 2:
         raise UserError(f"optim.betas takes two numbers, got {cfg.optim.betas}")
     return cfg
+
+
+def _check_recipe(cfg: Config) -> None:
+    t = cfg.train
+    for key, value in {
+        "train.mixup_alpha": t.mixup_alpha,
+        "train.cutmix_alpha": t.cutmix_alpha,
+    }.items():
+        if value < 0:
+            raise UserError(f"config key {key!r} must be >= 0 (0: off), got {value}")
+    for key, value in {"train.mix_prob": t.mix_prob, "train.mix_switch_prob": t.mix_switch_prob,
+                       "train.label_smoothing": t.label_smoothing}.items():  # fmt: skip
+        if not 0 <= value <= 1:
+            raise UserError(f"config key {key!r} is a probability in [0, 1], got {value}")
+    if not 0 <= t.ema_decay < 1:
+        raise UserError(f"train.ema_decay must be in [0, 1) (0: off), got {t.ema_decay}")
+    if t.ema_every < 1:
+        raise UserError(f"train.ema_every must be >= 1, got {t.ema_every}")
+    if cfg.ckpt.export_ema and not t.ema_decay:
+        raise UserError("ckpt.export_ema=true needs an EMA: set train.ema_decay (e.g. 0.9998)")
+    if cfg.ckpt.best_metric.endswith("_ema") and not t.ema_decay:
+        raise UserError(
+            f"ckpt.best_metric={cfg.ckpt.best_metric} needs an EMA: set train.ema_decay"
+        )
 
 
 def default_workers(local_world_size: int) -> int:

@@ -19,6 +19,7 @@ from distnn.config import Config
 from distnn.data import Loaders
 from distnn.data.prefetch import DevicePrefetcher
 from distnn.errors import UserError
+from distnn.mixing import Mixer
 from distnn.monitor import Run
 from distnn.monitor.throughput import Throughput
 from distnn.parallel import dist
@@ -91,11 +92,14 @@ class Engine:
     run: Run
     ckpt: checkpoint.Manager
     preemption: preempt.Watcher
+    # The loss of a batch's logits against its targets (class indices, or probabilities where
+    # the batch is mixed), and what mixes batches (MixUp/CutMix) if anything does.
+    loss: nn.Module = dataclasses.field(default_factory=nn.CrossEntropyLoss)
+    mixer: Mixer | None = None
     pos: Position = dataclasses.field(default_factory=Position)
 
     def __post_init__(self) -> None:
         t = self.cfg.train
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.total = total_steps(self.cfg, self.loaders)
         self.steps_per_epoch = self.loaders.steps_per_epoch // t.accum_steps
         # Memory on every read; on CUDA also TFLOP/s and MFU (FLOPs counted once, here).
@@ -241,9 +245,11 @@ class Engine:
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, final: bool) -> None:
         accum = self.cfg.train.accum_steps
         # Non-final micro-batches only accumulate locally: no gradient all-reduce.
+        if self.mixer is not None:
+            x, y = self.mixer(x, y, self.pos.step, self.pos.batch)
         with contextlib.nullcontext() if final else self.strategy.no_sync():
             with self.precision.autocast():
-                loss = self.criterion(self.model(x), y)
+                loss = self.loss(self.model(x), y)
             if self.fault is not None:
                 loss = self.fault.corrupt(loss, self.pos.step + 1, self.rank)
             self.strategy.backward(loss / accum if accum > 1 else loss)
@@ -271,6 +277,8 @@ class Engine:
             self.meters.step_loss.zero_()
         self.meters.loss_count += t.accum_steps
         self.pos.step += 1
+        if self.strategy.ema is not None:
+            self.strategy.ema.update(self.pos.step)
         self.meter.add(t.batch_size * t.accum_steps)
         if self.fault is not None:
             self.fault.check(self.pos.step, self.rank)
@@ -329,6 +337,9 @@ class Engine:
     def validate(self) -> bool:
         """Evaluate, log the record; whether it is the best so far (checkpoints/best)."""
         self.last_val = self.evaluate()
+        if self.strategy.ema is not None:
+            with self.strategy.ema.swapped():
+                self.last_val |= {f"{k}_ema": v for k, v in self.evaluate().items()}
         elapsed = time.perf_counter() - self.start
         self.run.log(
             {"step": self.pos.step, "epoch": self.epochs_done(), "elapsed_s": elapsed}

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from distnn import checkpoint, config, data, models, monitor, optim, parallel, preempt
+from distnn import checkpoint, config, data, mixing, models, monitor, optim, parallel, preempt
 from distnn import precision as precision_lib
 from distnn.config import Config
+from distnn.ema import Averaging
 from distnn.engine import Engine, total_steps
 from distnn.errors import UserError, cli
 from distnn.parallel import dist
@@ -103,6 +104,7 @@ def train(
     optimizers = optim.Optimizers(cfg.optim, config.global_batch(cfg, env.world_size), head)
     optimizers.groups(model)  # a bad optimizer setting is one line before the group forms
     schedule = optim.Schedule(cfg.sched, steps)
+    mixer = mixing.build_mixer(cfg.train, len(loaders.classes), env.rank)
     start = state["position"]["step"] if state else 0
     done = finished(cfg, start) if start >= steps else None
     if done is not None:  # nothing is written: the run directory stays as the run left it
@@ -119,7 +121,7 @@ def train(
     with dist.process_group(env, cfg.dist, alone=strategy.collective):
         forward = run = preemption = engine = None
         try:
-            forward = strategy.setup(model, optimizers, schedule)
+            forward = strategy.setup(model, optimizers, schedule, Averaging(cfg.train))
             seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
             run = monitor.Run(cfg, env, steps, start)
             run.message(f"strategy: {strategy.describe()}")
@@ -131,8 +133,9 @@ def train(
                 forward = compile_model(forward, device, run)
             preemption = preempt.Watcher(cfg.dist.timeout_s)
             engine = Engine(
-                cfg, strategy, forward, loaders, precision, device, run, ckpt, preemption
-            )
+                cfg, strategy, forward, loaders, precision, device, run, ckpt, preemption,
+                loss=mixing.build_loss(cfg.train), mixer=mixer,
+            )  # fmt: skip
             if state is not None:
                 engine.load_state_dict(state)
                 run.message(f"resumed at step {start} from {ckpt.restored_from}")

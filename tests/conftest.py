@@ -288,6 +288,15 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return checkpoint.model_state(checkpoint.load_file(run_dir))
 
 
+def final_ema(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The EMA of the weights in a run's newest checkpoint (merged where sharded)."""
+    return checkpoint.model_state(checkpoint.load_file(run_dir), ema=True)
+
+
+def last_eval(run_dir: Path) -> dict[str, float]:
+    return [r for r in read_metrics(run_dir) if "val_loss" in r][-1]
+
+
 def logged_steps(run_dir: Path) -> list[int]:
     """The steps of a run's train records in metrics.jsonl, in the order written."""
     return [r["step"] for r in read_metrics(run_dir) if "loss" in r]

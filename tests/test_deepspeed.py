@@ -24,7 +24,9 @@ from tests.conftest import (
     FAST,
     ROOT,
     assert_same_params,
+    final_ema,
     final_weights,
+    last_eval,
     logged_steps,
     run_cli,
 )
@@ -32,9 +34,10 @@ from tests.test_distributed import losses, torchrun
 
 pytest.importorskip("deepspeed")
 
-# 10 steps of global batch 16 (2 × 8) on tutorial_cnn, fp32, SGD with momentum.
+# 10 steps of global batch 16 (2 × 8) on tutorial_cnn, fp32, SGD with momentum, an EMA of
+# the weights.
 COMMON = [*FAST, "train.max_steps=10", "train.log_every=1", "data.synthetic_train=256",
-          "optim.lr=0.05", "ckpt.epoch_end=false", "precision=fp32",
+          "optim.lr=0.05", "ckpt.epoch_end=false", "precision=fp32", "train.ema_decay=0.8",
           "dist.timeout_s=120"]  # fmt: skip
 ZERO = ["strategy.name=deepspeed"]
 
@@ -78,6 +81,12 @@ def test_zero_stage_matches_ddp(root, ddp, tmp_path, stage):
     assert len(losses(run_dir)) == 10
     assert losses(run_dir) == pytest.approx(losses(ddp), rel=1e-4)
     assert_same_params(final_weights(run_dir), final_weights(ddp), rtol=1e-4)
+    # The EMA, averaged over each rank's part of the weights (ZeRO-3: its partitions, merged
+    # for export), and evaluated by swapping it in.
+    assert_same_params(final_ema(run_dir), final_ema(ddp), rtol=1e-4)
+    ema, ddp_ema = last_eval(run_dir), last_eval(ddp)
+    assert ema["val_loss_ema"] == pytest.approx(ddp_ema["val_loss_ema"], rel=1e-4)
+    assert ema["val_loss_ema"] != pytest.approx(ema["val_loss"], rel=1e-4)
 
 
 @pytest.mark.timeout(300)

@@ -14,11 +14,20 @@ from distnn.parallel.env import Env
 from distnn.precision import cpu_has_bf16
 from distnn.train import train
 from tests import user_package
-from tests.conftest import FAST, ROOT, assert_same_params, final_weights, run_cli
+from tests.conftest import (
+    FAST,
+    ROOT,
+    assert_same_params,
+    final_ema,
+    final_weights,
+    last_eval,
+    run_cli,
+)
 from tests.test_distributed import losses, torchrun
 
 COMMON = [*FAST, "train.max_steps=10", "train.log_every=1", "data.synthetic_train=512",
-          "optim.lr=0.05", "ckpt.epoch_end=false", "precision=fp32"]  # fmt: skip
+          "optim.lr=0.05", "ckpt.epoch_end=false", "precision=fp32",
+          "train.ema_decay=0.8"]  # fmt: skip
 
 
 def two_ranks(run_dir, *args: str, timeout: float = 240) -> None:
@@ -42,6 +51,10 @@ def assert_same_run(run_dir, reference, rtol: float = 1e-5) -> None:
     assert losses(run_dir) == pytest.approx(losses(reference), rel=rtol)
     assert len(losses(run_dir)) == 10
     assert_same_params(final_weights(run_dir), final_weights(reference), rtol, atol=rtol / 10)
+    # The EMA of each rank's shards, merged from the DCP checkpoint, and evaluated sharded.
+    assert_same_params(final_ema(run_dir), final_ema(reference), rtol, atol=rtol / 10)
+    ema = last_eval(run_dir)["val_loss_ema"]
+    assert ema == pytest.approx(last_eval(reference)["val_loss_ema"], rel=rtol)
 
 
 @pytest.mark.timeout(300)
@@ -115,6 +128,10 @@ def test_fsdp_checkpoint_exports_predicts_initialises_and_resumes_on_one_rank(tm
     assert (step6 / ".metadata").is_file() and (step6 / "state.pt").is_file()
     r = run_cli("-m", "distnn.checkpoint", "export", str(run_dir), str(tmp_path / "m.pt"))
     assert r.returncode == 0, r.stderr
+    r = run_cli("-m", "distnn.checkpoint", "export", "--weights", "ema", str(run_dir),
+                str(tmp_path / "ema.pt"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ema = torch.load(tmp_path / "ema.pt", weights_only=True)
     model = models.build("tutorial_cnn", 10, 32)
     model.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), strict=True)
     from PIL import Image
@@ -136,6 +153,7 @@ def test_fsdp_checkpoint_exports_predicts_initialises_and_resumes_on_one_rank(tm
         assert train(resumed)["steps"] == 6
     assert "resumed at step 4" in capsys.readouterr().out
     assert_same_params(final_weights(run_dir), model.state_dict(), rtol=1e-5, atol=1e-6)
+    assert_same_params(final_ema(run_dir), ema, rtol=1e-5, atol=1e-6)  # resharded into one
 
 
 @pytest.mark.timeout(300)

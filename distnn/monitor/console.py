@@ -26,6 +26,7 @@ def _fmt(record: dict[str, Any]) -> str:
         ("val_loss", "val_loss", ".4f"),
         ("val_top1", "val_top1", ".4f"),
         ("val_top5", "val_top5", ".4f"),
+        ("val_top1_ema", "val_top1_ema", ".4f"),
     ):
         if key in record:
             parts.append(f"{label} {record[key]:{spec}}")

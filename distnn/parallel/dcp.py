@@ -7,40 +7,86 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as td
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from distnn.errors import UserError
+
+if TYPE_CHECKING:
+    from distnn.ema import EMA
 
 FORMAT = "dcp"
 
 
-def save(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def save(
+    model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, ema: EMA | None = None
+) -> None:
     """A collective: every rank writes its shards (the replicated parts once in all)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    from torch.distributed.tensor import DTensor
 
     weights, moments = get_state_dict(model, optimizer)
+    state = {"model": weights, "optimizer": moments}
+    if ema is not None:
+        state["ema"] = _ema_state(model, ema)
     if td.is_initialized() and td.get_rank() != 0:
         # Unsharded tensors (BatchNorm statistics) differ per rank: the checkpoint holds rank
         # 0's, as DDP's does. (DCP would write each from whichever rank it balances onto.)
-        weights = {k: v for k, v in weights.items() if isinstance(v, DTensor)}
-    dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=directory)
+        for part in ("model", "ema"):
+            if part in state:
+                state[part] = {k: v for k, v in state[part].items() if isinstance(v, DTensor)}
+    dcp.save(state, checkpoint_id=directory)
 
 
-def load(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> None:
-    """A collective: each rank reads the parts of every file its shards cover."""
+def load(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directory: str | Path,
+    ema: EMA | None = None,
+) -> None:
+    """A collective: each rank reads the parts of every file its shards cover. An EMA the
+    checkpoint does not hold starts over from the loaded weights."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     weights, moments = get_state_dict(model, optimizer)
     state = {"model": weights, "optimizer": moments}
+    averaged = ema is not None and _holds(directory, "ema")
+    if averaged:
+        state["ema"] = _ema_state(model, ema)
     _read(state, directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])  # fmt: skip
+    if averaged:
+        ema.load_state_dict({k: local(v) for k, v in state["ema"].items()})
+    elif ema is not None:
+        ema.reset()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage); a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _ema_state(model: nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
+    """The EMA's tensors as the model's state_dict holds its own: this rank's averages of
+    sharded parameters as DTensors sharded like them, so that they reshard the same way."""
+    live = model.state_dict()
+
+    def like(shard: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ref, DTensor):
+            return shard
+        return DTensor.from_local(shard, ref.device_mesh, ref.placements, run_check=False,
+                                  shape=ref.shape, stride=ref.stride())  # fmt: skip
+
+    return {k: like(v, live[k]) for k, v in ema.state_dict().items()}
+
+
+def _holds(directory: str | Path, part: str) -> bool:
+    return any(k.startswith(f"{part}.") for k in _metadata(directory).state_dict_metadata)
 
 
 def _metadata(directory: str | Path) -> Any:
@@ -69,18 +115,21 @@ def verify(directory: str | Path) -> None:
             )
 
 
-def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The plain model state_dict, in one process with no process group: loads strict into
-    the model as built (export, predict, init_from)."""
+def consolidate(directory: str | Path, part: str = "model") -> dict[str, torch.Tensor]:
+    """The plain model state_dict (part "model", or "ema": the EMA of the weights), in one
+    process with no process group: loads strict into the model as built (export, predict,
+    init_from)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    prefix = "model."
+    if not _holds(directory, part):
+        raise UserError(f"checkpoint {str(directory)!r} holds no {part} weights")
+    prefix = f"{part}."
     state = {
         key[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in _metadata(directory).state_dict_metadata.items()
         if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
-    _read({"model": state}, directory)
+    _read({part: state}, directory)
     return state
 
 

@@ -25,12 +25,14 @@ import torch
 from torch import nn
 
 from distnn.config import Config
+from distnn.ema import EMA, Averaging
 from distnn.errors import UserError, reason
 from distnn.optim import AdamW, Optimizers, Schedule
 from distnn.parallel import deepspeed_config
 from distnn.parallel.dist import barrier
 from distnn.parallel.env import Env
 from distnn.parallel.env import export as export_env
+from distnn.parallel.single import load_ema
 from distnn.precision import Precision
 
 TAG = "deepspeed"  # the subdirectory of a checkpoint directory that holds DeepSpeed's files
@@ -172,6 +174,7 @@ class DeepSpeed:
         # ZeRO-3 gathers parameters inside every forward: ranks must run them together.
         self.lockstep_forward = self.ds_config["zero_optimization"].get("stage", 0) == 3
         self.engine: Any = None
+        self.ema: EMA | None = None
         self.optimizer_name = ""
         self.schedule = "distnn's sched.*"
         self.nchw = cfg.model.channels_last
@@ -190,7 +193,13 @@ class DeepSpeed:
 
     # --- setup ----------------------------------------------------------------------------
 
-    def setup(self, model: nn.Module, optimizers: Optimizers, schedule: Schedule) -> nn.Module:
+    def setup(
+        self,
+        model: nn.Module,
+        optimizers: Optimizers,
+        schedule: Schedule,
+        average: Averaging | None = None,
+    ) -> nn.Module:
         if self.nchw:
             # DeepSpeed views each parameter's bytes (its broadcast, ZeRO's flat buffers),
             # which needs a last stride of 1: channels_last weights fail there.
@@ -216,7 +225,24 @@ class DeepSpeed:
                 config=self.ds_config,
                 dist_init_required=False,
             )
+        if average is not None:
+            self.ema = average(self.weights, self._regather if self.lockstep_forward else None)
         return self.engine
+
+    def _regather(self) -> None:
+        """ZeRO-3 keeps small parameters whole (ds_persist) and gathers them from their
+        partitions again only after a step: after the partitions were written in place, gather
+        them again (a collective: every rank writes together)."""
+        kept = [p for p in self.engine.module.parameters() if getattr(p, "ds_persist", False)]
+        if kept:
+            kept[0].partition(param_list=kept)  # frees the whole copies; partitions stay
+            kept[0].all_gather(param_list=kept)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {
+            name: _partition(t).detach()
+            for name, t in self.engine.module.state_dict(keep_vars=True).items()
+        }
 
     def _schedule(self, schedule: Schedule) -> Schedule | None:
         """The LR schedule for whichever optimizer DeepSpeed ends up stepping (a ds_config
@@ -279,7 +305,7 @@ class DeepSpeed:
         if self.engine is not None:
             with _quiet():
                 self.engine.destroy()
-            self.engine = None
+            self.engine = self.ema = None
 
     def unwrap(self) -> nn.Module:
         return self.engine.module
@@ -298,13 +324,29 @@ class DeepSpeed:
             # writes went through wait in it.
             barrier()
             raise
+        if self.ema is not None and self.lockstep_forward:  # after the last collective
+            torch.save(self._ema_partition(), ema_file(directory, self.env.rank))
+
+    def _ema_partition(self) -> dict[str, Any]:
+        """This rank's EMA under ZeRO-3: its partition of each parameter's average (buffers,
+        not partitioned, whole) and the parameters' full shapes, to merge them by."""
+        module = self.engine.module
+        return {
+            "weights": self.ema.state_dict(),
+            "shapes": {
+                n: list(p.ds_shape) for n, p in module.named_parameters() if _partition(p) is not p
+            },
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        # The model, optimizer, scheduler and loss scale are in the shards.
+        # The model, optimizer, scheduler and loss scale are in the shards; so is a ZeRO-3
+        # EMA, whose every rank holds a part. Below ZeRO-3 every rank holds the whole EMA.
+        whole = self.ema is not None and not self.lockstep_forward
         return {
             "format": "deepspeed",
             "zero_stage": self.ds_config["zero_optimization"]["stage"],
             "world_size": self.env.world_size,
+            "ema": self.ema.state_dict() if whole else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -321,12 +363,30 @@ class DeepSpeed:
             path, _ = self.engine.load_checkpoint(state["shards"], tag=TAG)
         if path is None:
             raise UserError(f"no DeepSpeed shards under {state['shards']}/{TAG}")
+        averages = state.get("ema")
+        partition = ema_file(state["shards"], self.env.rank)
+        if averages is None and self.lockstep_forward and partition.is_file():
+            averages = torch.load(partition, map_location=self.device)["weights"]
+        load_ema(self.ema, averages)
 
 
-def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
+def _partition(t: torch.Tensor) -> torch.Tensor:
+    """What a ZeRO-3 rank holds of a parameter: its partition (ds_tensor); other tensors
+    whole."""
+    partition = getattr(t, "ds_tensor", None)
+    return t if partition is None else partition
+
+
+def ema_file(directory: str | Path, rank: int) -> Path:
+    return Path(directory) / TAG / f"ema_rank_{rank:05d}.pt"
+
+
+def consolidate(directory: str | Path, part: str = "model") -> dict[str, torch.Tensor]:
     """The full fp32 model state_dict from a checkpoint's shards, loadable strict into the
     plain model: DeepSpeed's zero_to_fp32 merges the fp32 master shards; without ZeRO the
-    engine saved the whole module."""
+    engine saved the whole module. Part "ema": a ZeRO-3 EMA's partitions, merged."""
+    if part == "ema":
+        return _merge_ema(directory)
     require_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -338,3 +398,20 @@ def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     with _quiet():
         return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+
+
+def _merge_ema(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Each parameter's EMA from every rank's partition: ZeRO-3 splits a parameter flat, padded
+    to a multiple of the world size, rank r holding the r-th piece."""
+    files = sorted((Path(directory) / TAG).glob("ema_rank_*.pt"))
+    if not files:
+        raise UserError(f"checkpoint {str(directory)!r} holds no EMA weights")
+    parts = [torch.load(f, map_location="cpu") for f in files]
+    shapes, merged = parts[0]["shapes"], {}
+    for name, first in parts[0]["weights"].items():
+        if name not in shapes:  # a buffer: whole on every rank
+            merged[name] = first
+            continue
+        flat = torch.cat([p["weights"][name].reshape(-1) for p in parts])
+        merged[name] = flat[: math.prod(shapes[name])].view(shapes[name])
+    return merged

@@ -15,7 +15,8 @@ from distnn.parallel import dcp, deepspeed
 
 @dataclass(frozen=True)
 class Format:
-    consolidate: Callable[[str], dict[str, torch.Tensor]]  # shards -> the plain state_dict
+    # (shards, part "model" or "ema") -> the plain state_dict of the weights or their EMA
+    consolidate: Callable[[str, str], dict[str, torch.Tensor]]
     verify: Callable[[str], None]  # raises UserError where the files are incomplete
     any_world_size: bool  # whether they load at another number of processes
 

@@ -147,7 +147,10 @@ class FSDP(SingleProcess):
     # --- checkpoints: each rank writes its own shards (DCP); nothing is gathered ------------
 
     def save_shards(self, directory: Path) -> None:
-        dcp.save(self.model, self.optimizer, directory)
+        dcp.save(self.model, self.optimizer, directory, self.ema)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: dcp.local(v) for k, v in self.model.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {

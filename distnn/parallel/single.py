@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distnn.ema import EMA, Averaging
 from distnn.optim import Optimizers, Schedule
 from distnn.parallel import dcp
 from distnn.precision import Precision
@@ -25,16 +26,27 @@ class SingleProcess:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
+        self.ema: EMA | None = None
 
     def describe(self) -> str:
         return f"single process, precision {self.precision.name}"
 
-    def setup(self, model: nn.Module, optimizers: Optimizers, schedule: Schedule) -> nn.Module:
+    def setup(
+        self,
+        model: nn.Module,
+        optimizers: Optimizers,
+        schedule: Schedule,
+        average: Averaging | None = None,
+    ) -> nn.Module:
         self.model = model
         forward = self.wrap(model)  # may replace self.model's layers (SyncBatchNorm)
         self.optimizer = optimizers(self.model)
         self.scheduler = schedule(self.optimizer)
+        self.ema = average(self.weights) if average is not None else None
         return forward
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.unwrap().state_dict()
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -81,7 +93,7 @@ class SingleProcess:
         return self.optimizer.param_groups[0]["lr"]
 
     def close(self) -> None:
-        self.model = self.optimizer = self.scheduler = None
+        self.model = self.optimizer = self.scheduler = self.ema = None
 
     def unwrap(self) -> nn.Module:
         return self.model
@@ -97,13 +109,26 @@ class SingleProcess:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") == dcp.FORMAT:  # an FSDP run's shards, resharded for this one
-            dcp.load(self.model, self.optimizer, state["shards"])
+            dcp.load(self.model, self.optimizer, state["shards"], self.ema)
         else:
             self.load_full(state)
+            load_ema(self.ema, state.get("ema"))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def load_ema(ema: EMA | None, state: dict[str, torch.Tensor] | None) -> None:
+    """The checkpoint's EMA, or, where it holds none (the run had none), one that starts
+    over from the resumed weights (checkpoint.resume_notes says so)."""
+    if ema is None:
+        return
+    if state is None:
+        ema.reset()
+    else:
+        ema.load_state_dict(state)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from distnn.ema import EMA, Averaging
 from distnn.optim import Optimizers, Schedule
 
 
@@ -28,13 +29,28 @@ class Strategy(Protocol):
     # Whether setup() takes a model built on the meta device (models/deferred.py) and fills its
     # shards itself: then no rank needs the whole model in memory.
     meta_init: bool
+    # The EMA of the weights setup() made where the run keeps one (train.ema_decay), over
+    # weights(); saved and loaded with the strategy's own state.
+    ema: EMA | None
 
     def describe(self) -> str:
         """One line for the run log: the strategy and its main settings."""
 
-    def setup(self, model: nn.Module, optimizers: Optimizers, schedule: Schedule) -> nn.Module:
+    def setup(
+        self,
+        model: nn.Module,
+        optimizers: Optimizers,
+        schedule: Schedule,
+        average: Averaging | None = None,
+    ) -> nn.Module:
         """Wrap (or shard) the model, then build the optimizer over the parameters that
-        exposes and the schedule over the optimizer; return the module to call forward on."""
+        exposes, the schedule over the optimizer and the EMA over weights(); return the module
+        to call forward on."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """This rank's part of the model's parameters and buffers by name, as plain tensors
+        that share the strategy's storage: whole (single, DDP, ZeRO-1/2), the local FSDP
+        shards, or the ZeRO-3 partitions."""
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Context for micro-batches whose gradients must not be reduced yet."""
