@@ -75,6 +75,23 @@ class DataConfig:
     )
     image_size: int = _f(32, "side of the square training crop, pixels")
     hflip: bool = _f(True, "random horizontal flips in training (off for digits, text)")
+    augment: Literal["basic", "randaugment", "trivialaugment", "autoaugment", "augmix"] = _f(
+        "basic",
+        "training augmentation: basic = random crop + flip only; the others add torchvision's "
+        "policy after them (autoaugment: the CIFAR-10 policy up to 64 px, ImageNet's above)",
+    )
+    augment_ops: int = _f(2, "randaugment: operations per image")
+    augment_magnitude: int = _f(
+        9, "randaugment: magnitude, 0-30 (torchvision's 31 bins); augmix: severity, 1-10"
+    )
+    color_jitter: float = _f(
+        0.0, "training: brightness, contrast and saturation jitter of this strength (0: off)"
+    )
+    random_erasing: float = _f(
+        0.0,
+        "training: probability of erasing a random rectangle (torchvision's RandomErasing) to "
+        "the dataset mean, i.e. 0 after normalisation",
+    )
     workers: int | None = _f(
         None, "DataLoader worker processes per rank (default: this node's CPUs ÷ its ranks, ≤ 8)"
     )
@@ -89,6 +106,23 @@ class DataConfig:
     synthetic_train: int = _f(2048, "synthetic: training samples")
     synthetic_val: int = _f(512, "synthetic: validation samples")
     synthetic_classes: int = _f(10, "synthetic: number of classes")
+
+    def __post_init__(self) -> None:
+        # The augmentation keys' ranges, checked where they are declared: a DataConfig made in
+        # Python is held to them too.
+        augmix = self.augment == "augmix"
+        low, high, scale = (1, 10, "AugMix's severity") if augmix else (0, 30, "of 31 bins")
+        checks = (
+            ("augment_ops", self.augment_ops, self.augment_ops >= 1, ">= 1"),
+            ("augment_magnitude", self.augment_magnitude, low <= self.augment_magnitude <= high,
+             f"in {low}..{high} ({scale})"),
+            ("color_jitter", self.color_jitter, self.color_jitter >= 0, ">= 0"),
+            ("random_erasing", self.random_erasing, 0 <= self.random_erasing <= 1,
+             "a probability in [0, 1]"),
+        )  # fmt: skip
+        for key, value, ok, valid in checks:
+            if not ok:
+                raise UserError(f"config key 'data.{key}' must be {valid}, got {value}")
 
 
 @dataclass

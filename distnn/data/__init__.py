@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from distnn.config import Config, for_world
 from distnn.data import custom, pipeline, sources
+from distnn.data.augment import Augment
 from distnn.data.errors import Batch, DataErrors, PolicyLoader
 from distnn.data.order import EvalBatches, Key, ShardOrder, TrainBatches
 from distnn.data.transforms import EvalTransform, TrainTransform
@@ -22,28 +23,26 @@ class BatchReader(torch.utils.data.Dataset):
     per sample, and the result is already one uint8 tensor. Unreadable samples are left out
     and reported, as ShardReader does, for `data.on_error` to decide about."""
 
-    def __init__(
-        self, split: sources.Split, size: int, transform: TrainTransform | EvalTransform
-    ) -> None:
-        self.split, self.size, self.transform = split, size, transform
+    def __init__(self, split: sources.Split, transform: TrainTransform | EvalTransform) -> None:
+        self.split, self.transform = split, transform
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, keys: list[Key]) -> Batch:
-        images = torch.empty(len(keys), 3, self.size, self.size, dtype=torch.uint8)
-        labels = torch.empty(len(keys), dtype=torch.int64)
-        n, problems = 0, []
-        for i, epoch in keys:
+        images, labels, indices, problems = [], [], [], []
+        for i, _ in keys:
             try:
                 image, label = self.split.sample(i)
             except Exception as e:  # a file that does not decode; a user's split may raise anything
                 problems.append(f"sample {i}: {reason(e)}")
                 continue
-            images[n] = self.transform(image, i, epoch)
-            labels[n] = label
-            n += 1
-        return images[:n], labels[:n], problems
+            images.append(image.permute(1, 2, 0).numpy())  # HWC, as the transforms take
+            labels.append(label)
+            indices.append(i)
+        epoch = keys[0][1] if keys else 0  # the samplers give a batch's keys one epoch
+        x = self.transform.batch(images, indices, epoch)
+        return x, torch.tensor(labels, dtype=torch.int64), problems
 
 
 @dataclass
@@ -122,8 +121,10 @@ def build(
             f"{len(ds.train)} training samples make no full global batch of {global_batch} "
             f"(train.batch_size × world size × train.accum_steps); lower train.batch_size"
         )
-    train_reader = BatchReader(ds.train, size, TrainTransform(size, cfg.train.seed, cfg.data.hflip))
-    val_reader = BatchReader(ds.val, size, EvalTransform(size))
+    augment = Augment.from_config(cfg.data, ds.mean)
+    train = TrainTransform(size, cfg.train.seed, cfg.data.hflip, augment)
+    train_reader = BatchReader(ds.train, train)
+    val_reader = BatchReader(ds.val, EvalTransform(size))
     val_order = EvalBatches(len(ds.val), cfg.train.batch_size, env.world_size, env.rank)
     errors = DataErrors()
     return Loaders(

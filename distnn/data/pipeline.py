@@ -4,7 +4,8 @@ The sampler (order.ShardOrder, in the main process) names each batch's samples a
 member, global index); a worker reads them by byte offset — from the shard's sidecar index when
 there is one, else from the tar's own headers, scanned once per worker without reading the data
 (a compressed tar, which has no offsets to seek to, is parsed whole by webdataset) — decodes
-them with PIL, augments them (seeded per sample, as the other sources) and collates the batch.
+them with PIL, augments them (the transform's batched path, seeded per sample, as for the other
+sources) and collates the batch.
 A global batch is a run of the stream (order.py): a worker touches one or two shards a batch.
 Unreadable samples are reported back and handled in the main process by `data.on_error`
 (errors.PolicyLoader).
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -27,9 +27,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from distnn.data import manifest as mf
+from distnn.data.augment import Augment
 from distnn.data.errors import Batch, DataErrors, SampleError
 from distnn.data.order import ShardOrder, Spec
-from distnn.data.transforms import SMALL, EvalTransform, TrainTransform
+from distnn.data.transforms import EvalTransform, TrainTransform
 from distnn.errors import UserError, reason
 
 if TYPE_CHECKING:
@@ -195,10 +196,9 @@ class ShardReader(Dataset):
     """Reads, decodes and augments a whole batch inside a worker; returns uint8 N×3×S×S,
     labels, and the problems met (unreadable samples are left out of the batch)."""
 
-    def __init__(self, root: Path, shards: list[mf.Shard], classes: int, size: int,
+    def __init__(self, root: Path, shards: list[mf.Shard], classes: int,
                  transform: TrainTransform | EvalTransform) -> None:  # fmt: skip
-        self.root, self.shards, self.classes = root, shards, classes
-        self.size, self.transform = size, transform
+        self.root, self.shards, self.classes, self.transform = root, shards, classes, transform
         self._open()
 
     def _open(self) -> None:
@@ -276,35 +276,8 @@ class ShardReader(Dataset):
                 continue
             labels.append(label)
             indices.append(g)
-        x = self._assemble(images, indices, epoch)
+        x = self.transform.batch(images, indices, epoch)
         return x, torch.tensor(labels, dtype=torch.int64), problems
-
-    def _assemble(self, images: list[np.ndarray], indices: list[int], epoch: int) -> torch.Tensor:
-        s, t = self.size, self.transform
-        x = torch.empty(len(images), 3, s, s, dtype=torch.uint8)
-        train, pad = isinstance(t, TrainTransform), 4
-        # Images already at the training size (≤ 64 px: CIFAR, digits) take a batched path in
-        # HWC: TrainTransform's pad + crop + flip, drawn from the same per-sample RNG, on one
-        # zero-padded buffer, then one transpose for them all. Larger ones go through the
-        # transform per sample in CHW (a per-sample HWC round trip costs ~0.7 ms at 224 px).
-        small = [j for j, img in enumerate(images) if s <= SMALL and img.shape[:2] == (s, s)]
-        hwc = np.zeros((len(small), s + 2 * pad, s + 2 * pad, 3), np.uint8)
-        out = np.empty((len(small), s, s, 3), np.uint8)
-        for k, j in enumerate(small):
-            if not train:
-                out[k] = images[j]  # eval at the stored size: nothing to do
-                continue
-            rng = random.Random(f"{t.seed}:{epoch}:{indices[j]}")
-            hwc[k, pad : pad + s, pad : pad + s] = images[j]
-            top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
-            crop = hwc[k, top : top + s, left : left + s]
-            out[k] = crop[:, ::-1] if t.hflip and rng.random() < 0.5 else crop
-        if small:
-            x[small] = torch.from_numpy(out).permute(0, 3, 1, 2)
-        for j in sorted(set(range(len(images))) - set(small)):
-            chw = torch.from_numpy(np.array(images[j])).permute(2, 0, 1)
-            x[j] = t(chw, indices[j], epoch)
-        return x
 
 
 def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
@@ -329,10 +302,11 @@ def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
         t.seed, train=False,
     )  # fmt: skip
     size, n_classes, errors = d.image_size, len(m.classes), DataErrors()
+    augment = Augment.from_config(d, m.mean)
     train_reader = ShardReader(
-        m.root, train_shards, n_classes, size, TrainTransform(size, t.seed, d.hflip)
+        m.root, train_shards, n_classes, TrainTransform(size, t.seed, d.hflip, augment)
     )
-    val_reader = ShardReader(m.root, val_shards, n_classes, size, EvalTransform(size))
+    val_reader = ShardReader(m.root, val_shards, n_classes, EvalTransform(size))
     return Loaders(
         train=_loader(train_reader, order, cfg, pin_memory, errors, train=True),
         val=_loader(val_reader, val_order, cfg, pin_memory, errors, train=False),
