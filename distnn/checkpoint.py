@@ -279,6 +279,8 @@ def check_compatible(
         ("model.freeze", cfg.model.freeze, saved["model"].get("freeze", [])),
         ("model.head", cfg.model.head, saved["model"].get("head", "")),
         ("optim.head_lr_scale", cfg.optim.head_lr_scale, saved["optim"].get("head_lr_scale", 1.0)),
+        ("optim.layer_decay", cfg.optim.layer_decay, saved["optim"].get("layer_decay", 1.0)),
+        ("optim.name", cfg.optim.name, saved["optim"]["name"]),
         ("data.image_size", cfg.data.image_size, saved["data"]["image_size"]),
         ("number of classes", len(classes), len(state["classes"])),
     ]

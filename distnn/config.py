@@ -127,16 +127,27 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = _f("sgd", "optimizer")
+    name: Literal["sgd", "adamw", "lamb", "lars"] = _f(
+        "sgd", "optimizer; lamb (Adam-based) and lars (SGD-based): large global batches"
+    )
     lr: float = _f(0.1, "peak learning rate")
-    momentum: float = _f(0.9, "SGD momentum")
-    nesterov: bool = _f(False, "SGD Nesterov momentum")
+    momentum: float = _f(0.9, "SGD and LARS momentum")
+    nesterov: bool = _f(False, "SGD and LARS Nesterov momentum")
     weight_decay: float = _f(5e-4, "weight decay (never applied to norm layers and biases)")
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
-    eps: float = _f(1e-8, "AdamW epsilon")
+    betas: list[float] = _f([0.9, 0.999], "AdamW and LAMB betas")
+    eps: float = _f(1e-8, "AdamW and LAMB epsilon")
+    trust_coeff: float = _f(
+        0.001,
+        "LARS trust coefficient: a layer's LR is lr × trust_coeff × ‖w‖ / (‖g‖ + weight_decay·‖w‖)",
+    )
     scale_lr: bool = _f(False, "scale lr by global batch / base_batch (linear scaling rule)")
     base_batch: int = _f(256, "global batch at which optim.lr applies unscaled")
     head_lr_scale: float = _f(1.0, "LR multiplier of the classifier head (fine-tuning: e.g. 10)")
+    layer_decay: float = _f(
+        1.0,
+        "layer-wise LR decay of timm models: layer i of L trains at lr × layer_decay^(L-i) "
+        "(1: off; ViT fine-tuning: 0.65-0.75)",
+    )
 
 
 @dataclass

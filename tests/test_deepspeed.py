@@ -334,6 +334,8 @@ def test_conflicting_batch_size_is_one_line_before_any_process_group(tmp_path):
          "DeepSpeed refuses the config built from strategy.*: AssertionError: bfloat16 and fp16"),
         (["optim.head_lr_scale=10"], {"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}},
          "optim.head_lr_scale needs distnn's optimizer; the ds_config names DeepSpeed's (AdamW)"),
+        (["optim.layer_decay=0.7"], {"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}},
+         "optim.layer_decay needs distnn's optimizer; the ds_config names DeepSpeed's (AdamW)"),
     ],
 )  # fmt: skip
 def test_deepspeed_refusals_are_one_line_before_any_process_group(
@@ -371,6 +373,7 @@ def test_deepspeed_refusals_are_one_line_before_any_process_group(
             "overlap_comm=true needs",
         ),
         (["strategy.deepspeed.zero_stage=3", "log.tensorboard_graph=true"], "tensorboard_graph"),
+        (["optim.name=lars"], "optim.name=lars is not available with strategy.name=deepspeed"),
     ],
 )
 def test_unsupported_combinations_are_refused(make_cfg, overrides, expected):

@@ -207,6 +207,8 @@ def test_checkpoint_of_another_model_is_refused_in_one_line(make_cfg):
         UserError, match=r"trained with model.name=tutorial_cnn, this run has lenet5"
     ):
         train(make_cfg("run.name=mix", *SHORT, "model.name=lenet5"))
+    with pytest.raises(UserError, match=r"trained with optim.name=sgd, this run has adamw"):
+        train(make_cfg("run.name=mix", *SHORT, "optim.name=adamw"))
 
 
 def test_nonfinite_loss_raises_naming_the_step(make_cfg):

@@ -113,6 +113,13 @@ def _check(cfg: Config) -> None:
         raise UserError(
             "model.compile=true is not available with strategy.name=deepspeed; set it to false"
         )
+    if cfg.optim.name in ("lamb", "lars"):
+        # ZeRO hands the optimizer flat partitions, not layers: the layer-wise trust ratio
+        # would be taken over a partition.
+        raise UserError(
+            f"optim.name={cfg.optim.name} is not available with strategy.name=deepspeed (ZeRO "
+            "steps flat partitions, not layers); use strategy.name=ddp or fsdp"
+        )
     if cfg.log.tensorboard_graph and cfg.strategy.deepspeed.zero_stage == 3:
         # The trace is a forward on rank 0 alone; under ZeRO-3 it gathers parameters in
         # collectives no other rank joins.
@@ -163,13 +170,15 @@ class DeepSpeed:
         # Built (and checked) before any process group forms.
         self.ds_config = deepspeed_config.build(cfg, env.world_size)
         _check_engine_config(self.ds_config, env.world_size)
-        if "optimizer" in self.ds_config and cfg.optim.head_lr_scale != 1.0:
-            # DeepSpeed builds that optimizer over one group of all parameters.
-            raise UserError(
-                "optim.head_lr_scale needs distnn's optimizer; the ds_config names DeepSpeed's "
-                f'({self.ds_config["optimizer"].get("type")}): remove its "optimizer" section '
-                "or set optim.head_lr_scale=1"
-            )
+        # DeepSpeed builds a ds_config optimizer over one group of all parameters.
+        grouped = {"head_lr_scale": cfg.optim.head_lr_scale, "layer_decay": cfg.optim.layer_decay}
+        for key, value in grouped.items():
+            if "optimizer" in self.ds_config and value != 1.0:
+                raise UserError(
+                    f"optim.{key} needs distnn's optimizer; the ds_config names DeepSpeed's "
+                    f'({self.ds_config["optimizer"].get("type")}): remove its "optimizer" '
+                    f"section or set optim.{key}=1"
+                )
         self.cfg, self.env, self.precision, self.device = cfg, env, precision, device
         # ZeRO-3 gathers parameters inside every forward: ranks must run them together.
         self.lockstep_forward = self.ds_config["zero_optimization"].get("stage", 0) == 3
