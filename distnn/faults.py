@@ -2,6 +2,7 @@
 
     DISTNN_FAULT=raise@step:3,rank:1    rank 1 raises an exception after optimizer step 3
     DISTNN_FAULT=crash@step:3,rank:1    rank 1 dies at once (os._exit), as a killed node would
+    DISTNN_FAULT=kill@step:3,rank:1     rank 1 SIGKILLs itself (nothing flushed or closed)
     DISTNN_FAULT=nan@step:3,rank:1      rank 1's loss in step 3 is NaN (a diverging batch)
 
 The fault fires only in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT=0),
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ import torch
 
 from distnn.errors import UserError
 
-_SPEC = re.compile(r"^(raise|crash|nan)@step:(\d+),rank:(\d+)$")
+_SPEC = re.compile(r"^(raise|crash|kill|nan)@step:(\d+),rank:(\d+)$")
 CRASH_EXIT_CODE = 86
 
 
@@ -37,6 +39,8 @@ class Fault:
             return
         if self.kind == "crash":
             os._exit(CRASH_EXIT_CODE)
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault (DISTNN_FAULT) on rank {rank} at step {step}")
 
     def corrupt(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
@@ -54,5 +58,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Fault | None:
         return None
     m = _SPEC.match(spec)
     if m is None:
-        raise UserError(f"DISTNN_FAULT={spec!r} is not KIND@step:N,rank:R with KIND raise or crash")
+        raise UserError(
+            f"DISTNN_FAULT={spec!r} is not KIND@step:N,rank:R with KIND raise, crash, kill or nan"
+        )
     return Fault(m.group(1), int(m.group(2)), int(m.group(3)))

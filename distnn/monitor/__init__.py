@@ -42,7 +42,7 @@ class Run:
         if self.writes:
             self.dir.mkdir(parents=True, exist_ok=True)
             fsio.write_text(self.dir / "config.yaml", config_lib.to_yaml(cfg))
-            last_logged = _rewind(self.dir / "metrics.jsonl", start_step)
+            _rewind(self.dir / "metrics.jsonl", start_step)
             # Line-buffered and open for the whole run: a killed job keeps every record written.
             with fsio.reporting(self.dir / "metrics.jsonl"):
                 self.metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
@@ -51,7 +51,7 @@ class Run:
                     self._start_tensorboard(cfg, start_step)
                 from distnn.monitor.wandb import WandbSink
 
-                sink = WandbSink.start(cfg, start_step, last_logged, self.message)
+                sink = WandbSink.start(cfg, start_step, self.message)
                 if sink is not None:
                     self.sinks.append(sink)
             except BaseException:
@@ -123,25 +123,22 @@ class Run:
                 closing.callback(sink.close)
 
 
-def _rewind(path: Path, step: int) -> int | None:
+def _rewind(path: Path, step: int) -> None:
     """Drop the records past `step` from a metrics.jsonl, atomically: a resumed run logs those
-    steps again, and each step stays in the file once. Returns the last step logged before
-    (the W&B sink cannot drop what it already sent, so it skips up to there instead)."""
+    steps again, and each step stays in the file once."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
-        return None
-    kept, last = [], None
+        return
+    kept = []
     for line in lines:
         try:
             record_step = int(json.loads(line)["step"])
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill, or blank
-        last = record_step
         if record_step <= step:
             kept.append(line + "\n")
     fsio.write_text(path, "".join(kept))
-    return last
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

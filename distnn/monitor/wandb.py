@@ -12,8 +12,9 @@
 
 The run id lives in `<run dir>/wandb_id`: a job that resumes from a checkpoint (a requeue, a
 restart) continues the same W&B run (`resume="allow"`). Every record goes in at `step=` the
-optimizer step; the steps a resumed job replays between its checkpoint and the last step the
-earlier attempt logged are not sent again, so W&B's steps only increase. A run that starts from
+optimizer step; the steps a resumed job replays between its checkpoint and the last step W&B
+holds from the earlier attempt are not sent again, so W&B's steps only increase (those a
+killed attempt's W&B service had not written are sent again). A run that starts from
 step 0 starts a new W&B run.
 """
 
@@ -93,6 +94,21 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _offline_last_step(current: Path) -> int:
+    """The last step in the offline files of this run's earlier attempts (-1: none)."""
+    from distnn.monitor import wandb_reader
+
+    run_id = current.name.rsplit("-", 1)[-1]
+    steps = [
+        row["_step"]
+        for earlier in current.parent.glob(f"offline-run-*-{run_id}")
+        if earlier != current
+        for row in wandb_reader.history(earlier)
+        if "_step" in row
+    ]
+    return max(steps, default=-1)
+
+
 class WandbSink:
     """Rank 0's W&B run. Built by `start`, which returns None when W&B is disabled."""
 
@@ -100,11 +116,8 @@ class WandbSink:
         self.cfg, self.run, self.floor, self.say = cfg, run, floor, say
 
     @classmethod
-    def start(
-        cls, cfg: Config, start_step: int, last_logged: int | None, say: Callable[[str], None]
-    ) -> WandbSink | None:
-        """`start_step`: the step the run resumes from (0: a fresh run); `last_logged`: the
-        last step an earlier attempt recorded in metrics.jsonl, if any."""
+    def start(cls, cfg: Config, start_step: int, say: Callable[[str], None]) -> WandbSink | None:
+        """`start_step`: the step the run resumes from (0: a fresh run)."""
         wcfg = cfg.log.wandb
         mode = resolve_mode(wcfg.mode)
         if mode == "disabled":
@@ -160,7 +173,10 @@ class WandbSink:
         fsio.write_text(id_path, run_id + "\n")
         floor = -1
         if resumed:
-            floor = max(last_logged if last_logged is not None else -1, run.starting_step - 1)
+            # What W&B holds of the run: the server's steps (online) and the offline files of
+            # earlier attempts. Not what metrics.jsonl holds: W&B's service drops the records
+            # it had not yet written when the job is killed, and those steps are sent again.
+            floor = max(run.starting_step - 1, _offline_last_step(Path(run.settings.sync_dir)))
         if mode == "online":
             say(f"W&B: {run.url}")
         else:
