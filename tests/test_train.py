@@ -13,6 +13,7 @@ import yaml
 from distnn import checkpoint, config
 from distnn.monitor import read_metrics
 from distnn.train import train
+from tests.conftest import assert_same_params, final_weights
 
 TRAIN_FIELDS = {"step", "epoch", "loss", "lr", "images_per_sec", "step_time_s", "data_wait",
                 "elapsed_s"}  # fmt: skip
@@ -131,18 +132,31 @@ def test_resume_continues_the_same_loss_curve(make_cfg, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
-def test_compile_and_channels_last_train_the_same_model(make_cfg):
+def test_compile_and_channels_last_train_the_same_model(make_cfg, capsys):
     """torch.compile (inductor, C++ on CPU) and channels_last change how, not what: the
-    losses match eager NCHW training."""
+    losses and final weights match eager NCHW training. Where a C++ compiler exists, compile
+    must have run (dynamo captured graphs; no eager-fallback note)."""
+    import torch._dynamo
+
     common = ["train.max_steps=3", "train.log_every=1", "train.batch_size=32",
               "data.synthetic_train=128", "ckpt.epoch_end=false"]  # fmt: skip
     eager = make_cfg("run.name=eager", *common)
     fast = make_cfg("run.name=fast", *common, "model.compile=true", "model.channels_last=true")
     train(eager)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     train(fast)
+    out = capsys.readouterr().out
+    if any(map(shutil.which, ("g++", "c++", "clang++"))):
+        assert "model.compile=true ignored" not in out
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    else:
+        assert "model.compile=true ignored: inductor needs a C++ compiler" in out
     got = [r["loss"] for r in read_metrics(fast.run_dir) if "loss" in r]
     want = [r["loss"] for r in read_metrics(eager.run_dir) if "loss" in r]
     assert got == pytest.approx(want, rel=1e-4) and len(got) == 3
+    assert_same_params(final_weights(fast.run_dir), final_weights(eager.run_dir), rtol=1e-4,
+                       atol=1e-5)  # fmt: skip
 
 
 def test_extending_a_max_steps_run_continues_mid_epoch(make_cfg, capsys):
