@@ -7,21 +7,25 @@
 
 Both use one munged: its socket is a file, which every network namespace reaches. Slurm and
 munge are installed with apt-get when missing; where the machine cannot run a cluster (not
-root, no network namespaces, apt-get fails) the caller is skipped with the reason.
+root, no network namespaces, apt-get fails) the caller is skipped with the reason, or fails with
+it where DISTNN_REQUIRE_CLUSTER=1 says the machine must run one (CI: `.ci/run`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -40,6 +44,9 @@ FINISHED = {
     "PREEMPTED",
 }
 HOSTS = {"dnn1": "10.201.0.1", "dnn2": "10.201.0.2"}
+# Set on machines that must run the clusters (CI is root, with apt-get and namespaces): there a
+# missing cluster is a defect, and its tests fail instead of skipping green.
+REQUIRE = "DISTNN_REQUIRE_CLUSTER"
 
 
 def run(
@@ -68,18 +75,35 @@ def free_port() -> int:
 # --- what the machine must have ---------------------------------------------------------------
 
 
+def unavailable(reason: str) -> NoReturn:
+    """This machine cannot run what the test needs: skip, or fail where REQUIRE says it must."""
+    required = os.environ.get(REQUIRE, "")
+    if required not in ("", "0"):
+        pytest.fail(f"{reason} ({REQUIRE}={required}: this machine must run Slurm)", pytrace=False)
+    pytest.skip(reason)
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("a Slurm cluster needs root: slurmd runs jobs as any user, munged as munge")
+        unavailable("a Slurm cluster needs root: slurmd runs jobs as any user, munged as munge")
 
 
-def install() -> None:
-    """Debian's Slurm and munge, unless they are already there."""
-    if all(map(shutil.which, PROGRAMS)):
+def install(programs: Sequence[str] = PROGRAMS) -> None:
+    """Debian's Slurm and munge, unless `programs` are already there."""
+    if all(map(shutil.which, programs)):
         return
     require_root()
     if not shutil.which("apt-get"):
-        pytest.skip(f"Slurm is not installed and there is no apt-get to install {PACKAGES}")
+        unavailable(f"Slurm is not installed and there is no apt-get to install {PACKAGES}")
+    # One install at a time: xdist workers (test_env's scontrol, the clusters) would otherwise
+    # race for dpkg's lock, and the loser's apt-get fails.
+    with open(Path(tempfile.gettempdir()) / "distnn-slurm-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all(map(shutil.which, programs)):
+            _apt_install()
+
+
+def _apt_install() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (
         ["apt-get", "update", "-qq"],
@@ -88,10 +112,10 @@ def install() -> None:
         try:
             result = run(cmd, timeout=600, check=False, env=env)
         except subprocess.TimeoutExpired:
-            pytest.skip(f"{' '.join(cmd)} took over 600 s")
+            unavailable(f"{' '.join(cmd)} took over 600 s")
         if result.returncode != 0:
             last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:]
-            pytest.skip(f"{' '.join(cmd[:2])} failed, cannot install Slurm: {last}")
+            unavailable(f"{' '.join(cmd[:2])} failed, cannot install Slurm: {last}")
 
 
 def munge_answers() -> bool:
@@ -324,7 +348,7 @@ def network_namespaces(tag: str) -> Iterator[list[str]]:
             result = run(["ip", "netns", "add", ns], check=False)
             if result.returncode != 0:
                 if i == 0:
-                    pytest.skip(f"cannot make network namespaces: {result.stderr.strip()}")
+                    unavailable(f"cannot make network namespaces: {result.stderr.strip()}")
                 raise RuntimeError(result.stderr)
         veths = [f"v{tag}{i}" for i in (1, 2)]
         pair = f"{veths[0]} netns {names[0]} type veth peer name {veths[1]} netns {names[1]}"
@@ -360,7 +384,7 @@ def two_hosts(root: Path) -> Iterator[Cluster]:
     install()
     require_root()
     if not all(map(shutil.which, ("ip", "nsenter", "unshare"))):
-        pytest.skip("two hosts need ip (iproute2), nsenter and unshare (util-linux)")
+        unavailable("two hosts need ip (iproute2), nsenter and unshare (util-linux)")
     hosts_file = root / "hosts"
     hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{a} {h}\n" for h, a in HOSTS.items()))
     with munge(root / "munged.log"), network_namespaces(str(os.getpid())) as netns:

@@ -41,21 +41,23 @@ def _int(env: Mapping[str, str], name: str) -> int:
 
 def _first_host(nodelist: str) -> str:
     """Expand a Slurm nodelist (`gpu[01-04,07]`) with scontrol, as every node resolves it."""
+    cannot = f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol"
     try:
-        out = subprocess.run(
+        result = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist],
-            check=True,
             capture_output=True,
             text=True,
             timeout=30,
-        ).stdout
+        )
     except (OSError, subprocess.SubprocessError) as e:
-        raise UserError(
-            f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol: {e}"
-        ) from None
-    hosts = out.split()
-    if not hosts:
-        raise UserError(f"scontrol show hostnames {nodelist!r} printed no host")
+        raise UserError(f"{cannot}: {e}") from None
+    hosts = result.stdout.split()
+    if result.returncode != 0 or not hosts:
+        # A malformed list exits 0 (Slurm 22.05) with no host, its reason the last stderr line.
+        why = result.stderr.strip().splitlines()[-1:] or [
+            f"exit status {result.returncode}, no host printed"
+        ]
+        raise UserError(f"{cannot}: {why[0]}")
     return hosts[0]
 
 
