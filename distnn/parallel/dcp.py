@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as td
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from distnn.errors import UserError
 
@@ -28,6 +27,7 @@ def save(
     """A collective: every rank writes its shards (the replicated parts once in all)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.tensor import DTensor
 
     weights, moments = get_state_dict(model, optimizer)
     state = {"model": weights, "optimizer": moments}
@@ -68,12 +68,15 @@ def load(
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (sharing its storage); a plain tensor as it is."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    # Duck-typed: importing torch.distributed.tensor costs seconds a DDP run need not pay.
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _ema_state(model: nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
     """The EMA's tensors as the model's state_dict holds its own: this rank's averages of
     sharded parameters as DTensors sharded like them, so that they reshard the same way."""
+    from torch.distributed.tensor import DTensor
+
     live = model.state_dict()
 
     def like(shard: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
