@@ -2,8 +2,8 @@
 
     python -m benchmarks.report [--out benchmarks/results]
 
-Reads whichever of data_throughput, train_throughput, zero_memory and end_to_end .json are in
-the folder; `make bench` calls it after running them.
+Reads whichever of data_throughput, train_throughput, zero_memory, end_to_end and recipes .json
+are in the folder; `make bench` calls it after running them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 
 from benchmarks.common import RESULTS
 
-ORDER = ("data_throughput", "train_throughput", "zero_memory", "end_to_end")
+ORDER = ("data_throughput", "train_throughput", "zero_memory", "end_to_end", "recipes")
 GiB = 2**30
 
 
@@ -94,11 +94,43 @@ def plot_end_to_end(results: dict, ax: plt.Axes) -> None:
     ax.legend(fontsize=7)
 
 
+def plot_recipes(results: dict, ax: plt.Axes) -> None:
+    """Val top-1 minus plain's at the same seed, per config and model: mean ± standard
+    deviation, each seed a dot; under each config the cost of a step × plain's, per model."""
+    rows = [r for r in results["rows"] if r["config"] != "plain"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    by = {(r["model"], r["config"]): r for r in rows}
+    costs = {(c["model"], c["config"]): c["ratio"]["median"] for c in results["cost"]}
+    width = 0.8 / len(names)
+    for i, model in enumerate(names):
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(configs))]
+        deltas = [by[(model, c)]["vs_plain"] for c in configs]
+        bars = ax.bar(xs, [100 * d["mean"] for d in deltas], width * 0.9,
+                      yerr=[100 * d["std"] for d in deltas], capsize=2, alpha=0.6,
+                      label=model)  # fmt: skip
+        for x, d in zip(xs, deltas, strict=True):
+            ax.plot([x] * len(d["runs"]), [100 * v for v in d["runs"]], ".", ms=3,
+                    color=bars.patches[0].get_facecolor(), alpha=1.0)  # fmt: skip
+    ax.axhline(0, color="k", lw=0.8)
+    labels = [
+        c.replace("_", "\n").replace(" (", "\n(")
+        + "".join(f"\n×{costs[(m, c)]:.2f}" for m in names if (m, c) in costs)
+        for c in configs
+    ]
+    ax.set_xticks(range(len(configs)), labels, rotation=0, fontsize=6)
+    ax.set(ylabel="val top-1 − plain, points (same seed)",
+           title="Recipe pieces on 20% of the digits (× = cost per step ÷ plain)")  # fmt: skip
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+
+
 PLOTS: dict[str, Callable[[dict, plt.Axes], None]] = {
     "data_throughput": plot_data,
     "train_throughput": plot_scaling,
     "zero_memory": plot_memory,
     "end_to_end": plot_end_to_end,
+    "recipes": plot_recipes,
 }
 
 

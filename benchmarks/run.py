@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import data_throughput, end_to_end, report, train_throughput, zero_memory
+from benchmarks import data_throughput, end_to_end, recipes, report, train_throughput, zero_memory
 from benchmarks.common import RESULTS, positive_int
 
 BENCHMARKS = {
@@ -19,6 +19,7 @@ BENCHMARKS = {
     "train_throughput": train_throughput,
     "zero_memory": zero_memory,
     "end_to_end": end_to_end,
+    "recipes": recipes,
 }
 
 

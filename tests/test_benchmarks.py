@@ -7,6 +7,7 @@ the ratios of the figures beside them."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -126,15 +127,58 @@ def check_end_to_end(doc: dict) -> None:
     assert doc["speedup_to_target"] == pytest.approx(speedup)
 
 
+def check_recipes(doc: dict) -> None:
+    from benchmarks.recipes import PIECES
+
+    assert doc["seeds"] == {"tutorial_cnn": 1} and list(doc["models"]) == ["tutorial_cnn"]
+    configs = ["plain", *PIECES, "full", "full (EMA)"]
+    assert [(r["model"], r["config"]) for r in doc["rows"]] == [
+        (m, c) for m in doc["models"] for c in configs
+    ]
+    assert 0 < doc["data"]["train_images"] < doc["data"]["train_images_whole"]
+    plain = {r["model"]: r["top1"]["runs"] for r in doc["rows"] if r["config"] == "plain"}
+    for r in doc["rows"]:
+        top1 = r["top1"]
+        seeds = doc["seeds"][r["model"]]
+        assert len(top1["runs"]) == seeds and r["seeds"] == list(range(seeds))
+        assert all(math.isfinite(v) and 0 <= v <= 1 for v in top1["runs"])
+        assert top1["min"] <= top1["mean"] <= top1["max"] and top1["std"] >= 0
+        pairs = zip(top1["runs"], plain[r["model"]], strict=True)
+        assert r["vs_plain"]["runs"] == pytest.approx([v - p for v, p in pairs])
+        ema = r["config"] in ("ema", "full (EMA)")
+        assert r["metric"] == ("val_top1_ema" if ema else "val_top1")
+        assert r["runs_of"] == {"ema": "plain", "full (EMA)": "full"}.get(r["config"], r["config"])
+    # The EMA row is read off the plain runs: the EMA must not have changed their training.
+    assert doc["ema_check"]["equal"] is True
+    assert doc["ema_check"]["plain_val_top1_ema_off"] == plain["tutorial_cnn"][0]
+    assert [(c["model"], c["config"]) for c in doc["cost"]] == [
+        (m, c) for m in doc["models"] for c in [*PIECES, "full"]
+    ]
+    for c in doc["cost"]:
+        assert c["order"] == "ABBA" and c["same_work_checked"] == "steps and batches per pass"
+        assert c["images_per_pass"] == c["steps"] * c["batch"]
+        piece = stats(c["piece_s_per_step"], doc["repeats"])["runs"]
+        base = stats(c["plain_s_per_step"], doc["repeats"])["runs"]
+        assert stats(c["ratio"], doc["repeats"])["min"] > 0
+        assert c["ratio"]["runs"] == pytest.approx(
+            [p / b for p, b in zip(piece, base, strict=True)]
+        )
+
+
 CHECKS = {"data_throughput": check_data, "train_throughput": check_train,
-          "zero_memory": check_memory, "end_to_end": check_end_to_end}  # fmt: skip
+          "zero_memory": check_memory, "end_to_end": check_end_to_end,
+          "recipes": check_recipes}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> tuple[Path, float, str]:
+def quick(request, tmp_path_factory) -> tuple[Path, float, str]:
+    # Only the benchmarks whose tests were selected (`-k recipes`: that one); all by default.
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")}  # fmt: skip
+    only = [] if selected >= set(CHECKS) else [f"--only={name}" for name in sorted(selected)]
     out = tmp_path_factory.mktemp("bench")
     start = time.perf_counter()
-    r = run_cli("-m", "benchmarks.run", "--quick", f"--out={out}", timeout=600, cwd=ROOT)
+    r = run_cli("-m", "benchmarks.run", "--quick", f"--out={out}", *only, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, time.perf_counter() - start, r.stdout
 
