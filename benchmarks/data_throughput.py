@@ -12,7 +12,8 @@ with 1 and 2 worker processes for:
 - ImageFolder: torchvision's ImageFolder + DataLoader with the same transforms (PIL decode,
   then pad-4 random crop + flip, or random-resized crop + flip, on uint8 tensors);
 - bare decode+augment: a loop over the same bytes already in memory with the same decoder and
-  augmentation, in 1 or 2 processes — the limit; and bare decode alone.
+  the same batched augmentation (TrainTransform.batch, batches of the loader's size), in 1 or
+  2 processes — the limit; and bare decode alone.
 Each figure is the median of --repeats timed passes after a warm-up pass (page cache warm),
 with min and max. Writes results/data_throughput.json (with machine info) and .md.
 """
@@ -102,23 +103,25 @@ def _load_blobs(paths: list[str]) -> None:
     _BLOBS[:] = [Path(p).read_bytes() for p in paths]
 
 
-def _bare(task: tuple[int, int, int, bool]) -> int:
+def _bare(task: tuple[int, int, int, int, bool]) -> int:
     from distnn.data.pipeline import decode_rgb
     from distnn.data.transforms import TrainTransform
 
-    lo, hi, size, augment = task
+    lo, hi, size, batch, augment = task
     transform = TrainTransform(size, seed=0)
-    for i in range(lo, hi):
-        img = torch.from_numpy(np.array(decode_rgb(_BLOBS[i]))).permute(2, 0, 1)
-        if augment:
-            transform(img, i, 0)
+    for start in range(lo, hi, batch):
+        indices = list(range(start, min(start + batch, hi)))
+        images = [decode_rgb(_BLOBS[i]) for i in indices]
+        if augment:  # the shard loader's own augmentation path: whole batches
+            transform.batch(images, indices, 0)
     return hi - lo
 
 
-def bare_loop(paths: list[Path], size: int, workers: int, augment: bool):
+def bare_loop(paths: list[Path], size: int, batch: int, workers: int, augment: bool):
     pool = multiprocessing.Pool(workers, _load_blobs, ([str(p) for p in paths],))
     n = len(paths)
-    tasks = [(n * k // workers, n * (k + 1) // workers, size, augment) for k in range(workers)]
+    tasks = [(n * k // workers, n * (k + 1) // workers, size, batch, augment)
+             for k in range(workers)]  # fmt: skip
     return (lambda: sum(pool.map(_bare, tasks))), pool
 
 
@@ -157,7 +160,7 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
                     results["rows"].append(row)
                     report(row)
                 for name, augment in (("bare decode+augment", True), ("bare decode", False)):
-                    fn, pool = bare_loop(paths, size, workers, augment)
+                    fn, pool = bare_loop(paths, size, batch, workers, augment)
                     row = {"data": kind, "pipeline": name, "workers": workers, **timed(fn, repeats)}
                     pool.terminate()
                     results["rows"].append(row)

@@ -163,15 +163,19 @@ class Case:
             torch.cuda.synchronize(self.device)
 
 
-def assert_same_work(case: Case) -> None:
-    """From the same weights, distnn's steps and the bare loop's end on the same weights."""
+def assert_same_work(case: Case) -> float:
+    """From the same weights, distnn's steps and the bare loop's end on the same weights; the
+    largest difference of any weight."""
     engine, a = case.distnn()
     b = case.bare()
     case.run_distnn(engine)
     case.run_bare()
     engine.run.close()
+    diff = 0.0
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{case.name}: {name}")
+        diff = max(diff, (p - q).abs().max().item())
+    return diff
 
 
 def abba(pair: list, i: int) -> list:
@@ -184,11 +188,11 @@ def compare(case: Case, repeats: int) -> dict:
     pass the same model, batch and number of steps; in fp32 they also end on the same weights
     (bf16 autocast rounds in a different order in each: there the counts are the check)."""
     fp32 = case.precision.name == "fp32"
-    if fp32:
-        assert_same_work(case)
+    diff = assert_same_work(case) if fp32 else None
     engine, _ = case.distnn()
     case.bare()
-    assert case.run_distnn(engine) == case.run_bare() == case.steps * case.batch
+    images = {"distnn": case.run_distnn(engine), "bare": case.run_bare()}
+    assert images["distnn"] == images["bare"] == case.steps * case.batch
     ours, theirs = [], []
     for i in range(repeats):
         pair = [(ours, lambda: case.run_distnn(engine)), (theirs, case.run_bare)]
@@ -202,6 +206,7 @@ def compare(case: Case, repeats: int) -> dict:
         "precision": case.precision.name, "steps": case.steps, "log_every": case.log_every,
         "order": "ABBA",
         "same_work_checked": "images and final weights" if fp32 else "images",
+        "images_per_pass": images, "max_abs_weight_diff": diff,
         "distnn": summarize(ours), "bare": summarize(theirs),
         "ratio": summarize([a / b for a, b in zip(ours, theirs, strict=True)]),
         "overhead_us_per_step": summarize([
@@ -379,7 +384,9 @@ def markdown(results: dict) -> str:
         f"{describe(results['machine'])}{quick} Median of {results['repeats']} alternating "
         f"passes{abba_note} after a warm-up (min – max). Same model, batch, optimizer and "
         "in-memory data; both pass the same number of images, and fp32 rows are checked to "
-        "end on the same weights.",
+        "end on the same weights. distnn runs with TensorBoard and W&B off (log.tensorboard="
+        "false, log.wandb.mode=disabled): timed are its loop, strategy and metrics.jsonl "
+        "records every `log every` steps, not the trackers.",
         "",
         *([f"Skipped: {results['skipped']}.", ""] if "skipped" in results else []),
         "| model | px | batch | precision | log every | distnn | bare loop | distnn ÷ bare "
