@@ -47,14 +47,15 @@ def ddp(tmp_path_factory):
     return root
 
 
-def assert_same_run(run_dir, reference, rtol: float = 1e-5) -> None:
+def assert_same_run(run_dir, reference, rtol: float = 1e-5, evals: bool = True) -> None:
     assert losses(run_dir) == pytest.approx(losses(reference), rel=rtol)
     assert len(losses(run_dir)) == 10
     assert_same_params(final_weights(run_dir), final_weights(reference), rtol, atol=rtol / 10)
     # The EMA of each rank's shards, merged from the DCP checkpoint, and evaluated sharded.
     assert_same_params(final_ema(run_dir), final_ema(reference), rtol, atol=rtol / 10)
-    ema = last_eval(run_dir)["val_loss_ema"]
-    assert ema == pytest.approx(last_eval(reference)["val_loss_ema"], rel=rtol)
+    if evals:
+        ema = last_eval(run_dir)["val_loss_ema"]
+        assert ema == pytest.approx(last_eval(reference)["val_loss_ema"], rel=rtol)
 
 
 @pytest.mark.timeout(300)
@@ -80,7 +81,10 @@ def test_fsdp_shards_resnet18_blocks_and_equals_ddp(tmp_path):
     two_ranks(tmp_path / "ddp", *net, "strategy.name=ddp", timeout=360)
     out = two_ranks(tmp_path / "fsdp", *net, "strategy.name=fsdp", timeout=360)
     assert "8 blocks (BasicBlock) + root" in out
-    assert_same_run(tmp_path / "fsdp", tmp_path / "ddp")
+    # Evaluation uses each rank's own BatchNorm statistics (and their EMA), which differ: DDP
+    # overwrites rank 1's with rank 0's before every training forward, FSDP does not. The
+    # weights, rank 0's statistics and the EMA that checkpoints hold (rank 0's) are compared.
+    assert_same_run(tmp_path / "fsdp", tmp_path / "ddp", evals=False)
 
 
 @pytest.mark.timeout(300)
