@@ -92,6 +92,17 @@ class EMA:
             shadow.copy_(state[name])
 
 
+def restore(ema: EMA | None, state: dict[str, torch.Tensor] | None) -> None:
+    """The checkpoint's EMA, or, where it holds none (its run had none), one that starts over
+    from the resumed weights (checkpoint.resume_notes says so)."""
+    if ema is None:
+        return
+    if state is None:
+        ema.reset()
+    else:
+        ema.load_state_dict(state)
+
+
 @dataclass(frozen=True)
 class Averaging:
     """The EMA a strategy keeps over its weights once it has set them up (None: off)."""

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as td
 from torch import nn
 
+from distnn.ema import restore
 from distnn.errors import UserError
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def save(
     weights, moments = get_state_dict(model, optimizer)
     state = {"model": weights, "optimizer": moments}
     if ema is not None:
-        state["ema"] = _ema_state(model, ema)
+        state["ema"] = _ema_state(weights, ema)
     if td.is_initialized() and td.get_rank() != 0:
         # Unsharded tensors (BatchNorm statistics) differ per rank: the checkpoint holds rank
         # 0's, as DDP's does. (DCP would write each from whichever rank it balances onto.)
@@ -56,14 +57,11 @@ def load(
     state = {"model": weights, "optimizer": moments}
     averaged = ema is not None and _holds(directory, "ema")
     if averaged:
-        state["ema"] = _ema_state(model, ema)
+        state["ema"] = _ema_state(weights, ema)
     _read(state, directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])  # fmt: skip
-    if averaged:
-        ema.load_state_dict({k: local(v) for k, v in state["ema"].items()})
-    elif ema is not None:
-        ema.reset()
+    restore(ema, {k: local(v) for k, v in state["ema"].items()} if averaged else None)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -72,12 +70,11 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _ema_state(model: nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
-    """The EMA's tensors as the model's state_dict holds its own: this rank's averages of
-    sharded parameters as DTensors sharded like them, so that they reshard the same way."""
+def _ema_state(weights: dict[str, torch.Tensor], ema: EMA) -> dict[str, torch.Tensor]:
+    """The EMA's tensors as the model's state dict (`weights`) holds its own: this rank's
+    averages of sharded parameters as DTensors sharded like them, so that they reshard the same
+    way."""
     from torch.distributed.tensor import DTensor
-
-    live = model.state_dict()
 
     def like(shard: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         if not isinstance(ref, DTensor):
@@ -85,7 +82,7 @@ def _ema_state(model: nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
         return DTensor.from_local(shard, ref.device_mesh, ref.placements, run_check=False,
                                   shape=ref.shape, stride=ref.stride())  # fmt: skip
 
-    return {k: like(v, live[k]) for k, v in ema.state_dict().items()}
+    return {k: like(v, weights[k]) for k, v in ema.state_dict().items()}
 
 
 def _holds(directory: str | Path, part: str) -> bool:

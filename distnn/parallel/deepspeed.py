@@ -25,14 +25,13 @@ import torch
 from torch import nn
 
 from distnn.config import Config
-from distnn.ema import EMA, Averaging
+from distnn.ema import EMA, Averaging, restore
 from distnn.errors import UserError, reason
 from distnn.optim import AdamW, Optimizers, Schedule
 from distnn.parallel import deepspeed_config
 from distnn.parallel.dist import barrier
 from distnn.parallel.env import Env
 from distnn.parallel.env import export as export_env
-from distnn.parallel.single import load_ema
 from distnn.precision import Precision
 
 TAG = "deepspeed"  # the subdirectory of a checkpoint directory that holds DeepSpeed's files
@@ -376,7 +375,7 @@ class DeepSpeed:
         partition = ema_file(state["shards"], self.env.rank)
         if averages is None and self.lockstep_forward and partition.is_file():
             averages = torch.load(partition, map_location=self.device)["weights"]
-        load_ema(self.ema, averages)
+        restore(self.ema, averages)
 
 
 def _partition(t: torch.Tensor) -> torch.Tensor:

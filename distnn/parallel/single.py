@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distnn.ema import EMA, Averaging
+from distnn.ema import EMA, Averaging, restore
 from distnn.optim import Optimizers, Schedule
 from distnn.parallel import dcp
 from distnn.precision import Precision
@@ -117,18 +117,7 @@ class SingleProcess:
             dcp.load(self.model, self.optimizer, state["shards"], self.ema)
         else:
             self.load_full(state)
-            load_ema(self.ema, state.get("ema"))
+            restore(self.ema, state.get("ema"))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-
-
-def load_ema(ema: EMA | None, state: dict[str, torch.Tensor] | None) -> None:
-    """The checkpoint's EMA, or, where it holds none (the run had none), one that starts
-    over from the resumed weights (checkpoint.resume_notes says so)."""
-    if ema is None:
-        return
-    if state is None:
-        ema.reset()
-    else:
-        ema.load_state_dict(state)
