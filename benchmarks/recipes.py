@@ -19,15 +19,15 @@ these runs are short enough that the warm-up sets the decay, 0.93 by step 54, 0.
 90). The full recipe is all of them at once (MixUp or CutMix per batch, even odds, label
 smoothing folded into the mixed targets).
 
-Accuracy: `distnn.train.train(cfg)` in this process, one run per model × config × seed (seeds
-0 .. repeats-1, at most MODELS' max_seeds), data.workers=0, one thread
-(torch.set_num_threads(1): on the shared 2-core machine a second thread made these small steps
-several times slower, and the runs are serial anyway), no TensorBoard, W&B disabled, one
-evaluation at the end. A seed fixes the initial weights and the sample order, so each piece is
-compared with plain seed by seed (paired differences). An EMA changes nothing of the training
-it averages, so the EMA row is read off the plain runs (`val_top1_ema` beside their
-`val_top1`); that plain's top-1 is the same with the EMA off is checked on seed 0 of the first
-model. The full recipe's row gives the model's top-1, and a second row its EMA's.
+Accuracy: `distnn.train.train(cfg)` in this process, one run per model × config × seed (seeds 0
+.. repeats-1), data.workers=0, one thread (torch.set_num_threads(1): on the shared 2-core
+machine a second thread made these small steps several times slower, and the runs are serial
+anyway), no TensorBoard, W&B disabled, one evaluation at the end. A seed fixes the initial
+weights and the sample order, so each piece is compared with plain seed by seed (paired
+differences). An EMA changes nothing of the training it averages, so the EMA row is read off the
+plain runs (`val_top1_ema` beside their `val_top1`); that plain's top-1 is the same with the EMA
+off is checked on seed 0 of the first model. The full recipe's row gives the model's top-1, and
+a second row its EMA's.
 
 Cost per step: per model, an Engine for plain and one per piece (and the full recipe), built
 as `train()` builds them, each timed over the same number of optimizer steps on the same
@@ -75,18 +75,16 @@ PIECES: dict[str, list[str]] = {
     "ema": EMA,
 }
 FULL = [o for overrides in PIECES.values() for o in overrides]
-# Per model: image size, batch, optimizer, peak LR, weight decay, warm-up steps, epochs, seeds
-# at most (None: --repeats), steps per timed pass (at most an epoch's).
+# Per model: image size, batch, optimizer, peak LR, weight decay, warm-up steps, epochs, steps
+# per timed pass (at most an epoch's).
 MODELS: dict[str, dict] = {
     "tutorial_cnn": {"image_size": 32, "batch": 32, "optimizer": "sgd", "lr": 0.03,
-                     "weight_decay": 5e-4, "warmup_steps": 9, "epochs": 10, "max_seeds": None,
-                     "cost_steps": 9},
+                     "weight_decay": 5e-4, "warmup_steps": 9, "epochs": 10, "cost_steps": 9},
     # 16 px: the digits are 8x8 scans, and 32 px costs 4x (2-4 s a step on the loaded 2-core
     # machine: over an hour for the runs). SGD (LR 0.01-0.05) reached 0.1-0.5 in 36-72 steps;
-    # AdamW ~0.7 in 54. Two seeds: five took ~35 minutes of resnet18 alone there.
+    # AdamW ~0.7 in 54.
     "resnet18": {"image_size": 16, "batch": 16, "optimizer": "adamw", "lr": 0.001,
-                 "weight_decay": 0.05, "warmup_steps": 9, "epochs": 3, "max_seeds": 2,
-                 "cost_steps": 2},
+                 "weight_decay": 0.05, "warmup_steps": 9, "epochs": 3, "cost_steps": 2},
 }  # fmt: skip
 QUICK = {"tutorial_cnn": {**MODELS["tutorial_cnn"], "epochs": 1, "cost_steps": 2}}
 THREADS = 1
@@ -275,7 +273,7 @@ def cost(model: str, spec: dict, repeats: int, root: Path, runs: Path) -> list[d
 
 def run(quick: bool, repeats: int, out: Path) -> dict:
     specs = QUICK if quick else MODELS
-    seeds = {m: 1 if quick else min(repeats, s["max_seeds"] or repeats) for m, s in specs.items()}
+    seeds = {m: 1 if quick else repeats for m in specs}
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     results: dict = {"machine": machine(), "quick": quick, "repeats": repeats, "seeds": seeds,
