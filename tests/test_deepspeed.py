@@ -107,7 +107,7 @@ def test_zero2_as_srun_tasks_matches_torchrun(root, ddp):
 
     def task(i: int) -> subprocess.Popen:
         env = {**base, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
-               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # fmt: skip
+               "PYTHONPATH": str(ROOT)}  # fmt: skip
         return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
@@ -277,6 +277,23 @@ def test_deepspeed_launcher_runs_the_same_command(root):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((root / "launcher" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
+
+
+@pytest.mark.timeout(300)
+def test_ops_are_not_rebuilt_whichever_ninja_path_finds_first(root):
+    """A job whose PATH starts with the venv's bin/ (the sbatch scripts) and one whose PATH
+    does not (`.venv/bin/python -m ...`) load the ops `make setup` built: ninja 1.11 (the
+    system's) and 1.13 (the venv's) each rebuilt what the other had (1-2 minutes here)."""
+    built = sorted(Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/*.so"))  # by the fixture
+    assert built
+    before = {p: p.stat().st_mtime_ns for p in built}
+    venv_bin = str(Path(sys.executable).parent)
+    system_path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if d != venv_bin)
+    for path in (f"{venv_bin}{os.pathsep}{system_path}", system_path):
+        r = run_cli("-c", "from distnn.parallel.deepspeed import build_ops; build_ops(True)",
+                    env={"PATH": path}, timeout=280)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert {p: p.stat().st_mtime_ns for p in built} == before, f"rebuilt with PATH={path}"
 
 
 def test_generated_config_follows_distnn(make_cfg):

@@ -54,8 +54,12 @@ def require_deepspeed() -> Any:
     # and checkout: each compiles against its own paths, so each rebuilt the other's ops (a
     # minute on 2 cores) on every switch. Elsewhere (a system or shared read-only install)
     # torch's default stays.
-    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    if sys.prefix != sys.base_prefix:
+        _venv_ninja_first()
+        if os.access(sys.prefix, os.W_OK):
+            os.environ.setdefault(
+                "TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")
+            )
     if not torch.cuda.is_available():
         # Its CPU accelerator, chosen without the "unable to detect a GPU" warning.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -67,6 +71,18 @@ def require_deepspeed() -> Any:
             "install it with `pip install --no-build-isolation -e '.[deepspeed]'`"
         ) from None
     return deepspeed
+
+
+def _venv_ninja_first() -> None:
+    """torch builds the ops with whichever `ninja` PATH finds first, and ninja rebuilds what
+    another version built (1.11 and 1.12+ hash their commands differently): a job whose PATH
+    starts with the venv's bin/ (sbatch scripts, launch/, an activated venv) and one that
+    does not (`.venv/bin/python -m ...`) rebuilt each other's ops, a minute or two each time
+    on 2 cores. The venv's ninja (DeepSpeed installs one) goes first, as activating it does."""
+    bin_dir = Path(sys.executable).parent
+    path = os.environ.get("PATH", "")
+    if (bin_dir / "ninja").is_file() and path.split(os.pathsep)[0] != str(bin_dir):
+        os.environ["PATH"] = os.pathsep.join([str(bin_dir), path] if path else [str(bin_dir)])
 
 
 # The JIT ops distnn's DeepSpeed strategy loads, per accelerator: on CUDA FusedAdam for
