@@ -89,11 +89,9 @@ def _on_meta(
     """The model built on the meta device (models/deferred.py), or why it cannot be."""
     made: list[tuple[str, list[str]]] = []
 
-    def build() -> nn.Module:
+    def build() -> nn.Module:  # no channels_last: FSDP, the one meta-init strategy, refuses it
         model, classifier, notes = _initialised(cfg, num_classes, given, fresh)
         made.append((classifier, notes))
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         return model
 
     try:

@@ -27,13 +27,9 @@ def save(
 ) -> None:
     """A collective: every rank writes its shards (the replicated parts once in all)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.tensor import DTensor
 
-    weights, moments = get_state_dict(model, optimizer)
-    state = {"model": weights, "optimizer": moments}
-    if ema is not None:
-        state["ema"] = _ema_state(weights, ema)
+    state = _state(model, optimizer, ema)
     if td.is_initialized() and td.get_rank() != 0:
         # Unsharded tensors (BatchNorm statistics) differ per rank: the checkpoint holds rank
         # 0's, as DDP's does. (DCP would write each from whichever rank it balances onto.)
@@ -51,17 +47,24 @@ def load(
 ) -> None:
     """A collective: each rank reads the parts of every file its shards cover. An EMA the
     checkpoint does not hold starts over from the loaded weights."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    weights, moments = get_state_dict(model, optimizer)
-    state = {"model": weights, "optimizer": moments}
-    averaged = ema is not None and _holds(directory, "ema")
-    if averaged:
-        state["ema"] = _ema_state(weights, ema)
+    state = _state(model, optimizer, ema if _holds(directory, "ema") else None)
     _read(state, directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])  # fmt: skip
-    restore(ema, {k: local(v) for k, v in state["ema"].items()} if averaged else None)
+    restore(ema, {k: local(v) for k, v in state["ema"].items()} if "ema" in state else None)
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None) -> dict[str, Any]:
+    """What a checkpoint holds, shaped as this run shards it: DCP saves it, and loads into it."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, moments = get_state_dict(model, optimizer)
+    state = {"model": weights, "optimizer": moments}
+    if ema is not None:
+        state["ema"] = _ema_state(weights, ema)
+    return state
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
