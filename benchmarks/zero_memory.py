@@ -3,7 +3,7 @@ mixed precision, each with and without CPU offload), against the formulas.
 
     python -m benchmarks.zero_memory [--quick] [--repeats 5] [--out benchmarks/results]
 
-A wide MLP (6 × Linear 4096→4096, 101 M parameters; 2 layers at --quick) trains 3 AdamW
+A wide MLP (6 × Linear 4096→4096, 101 M parameters; 2 × 1024→1024 at --quick) trains 3 AdamW
 steps on 2 torchrun processes through distnn's own strategies: --repeats fresh launches per
 case, the median with min and max (--quick runs everything in one launch, FSDP only in bf16
 with offload). Each rank reports three figures, each above what it held before the model was
@@ -56,7 +56,7 @@ from distnn.parallel import Env, dist
 # torch._dynamo (~155 MB of RSS) is imported by the first optimizer step: imported here, it is
 # part of every rank's baseline, not of the memory a strategy adds. (Figures recorded before
 # 2026-12-01 counted it: 0.14-0.15 GiB more in every row.)
-WIDTH = 4096
+WIDTH, QUICK_WIDTH = 4096, 1024
 BUCKET = 20_000_000  # elements: small buckets, or 5e8-element buffers hide the savings
 
 CASES = {  # name: (overrides, predicted bytes per rank as (a, b): a·Ψ + b·Ψ/N)
@@ -125,12 +125,13 @@ def worker(args: argparse.Namespace) -> None:
     bounds = {"stage3_max_live_parameters": BUCKET, "stage3_max_reuse_distance": BUCKET}
     live.write_text(json.dumps({"zero_optimization": bounds}))
     with dist.process_group(env, config.load(None).dist):
-        reports = [measure_case(case, args.layers, env, live) for case in args.case.split(",")]
+        reports = [measure_case(case, args.layers, args.width, env, live)
+                   for case in args.case.split(",")]  # fmt: skip
     if env.is_main:
         Path(args.worker).write_text(json.dumps(reports))
 
 
-def measure_case(case: str, layers: int, env: Env, live: Path) -> dict:
+def measure_case(case: str, layers: int, width: int, env: Env, live: Path) -> dict:
     """Memory the case's build, setup and 3 training steps add to the rank, all ranks gathered."""
     start = time.perf_counter()
     overrides = [o.replace("LIVE", str(live)) for o in CASES[case][0]]
@@ -149,7 +150,7 @@ def measure_case(case: str, layers: int, env: Env, live: Path) -> dict:
     _reset_peak(cuda)
 
     def build() -> nn.Sequential:
-        blocks = [m for _ in range(layers) for m in (nn.Linear(WIDTH, WIDTH), nn.ReLU())]
+        blocks = [m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())]
         return nn.Sequential(*blocks[:-1])
 
     # As distnn.train builds it: on the meta device where the strategy fills its own shards
@@ -161,7 +162,7 @@ def measure_case(case: str, layers: int, env: Env, live: Path) -> dict:
     setup = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
     # The peak of the training steps, apart from that of the build and setup.
     _reset_peak(cuda)
-    x = torch.randn(8, WIDTH, device=device)
+    x = torch.randn(8, width, device=device)
     for _ in range(3):
         with precision.autocast():
             loss = forward(x).float().square().mean()
@@ -189,9 +190,9 @@ def measure_case(case: str, layers: int, env: Env, live: Path) -> dict:
     return report
 
 
-def measure(cases: list[str], layers: int, nproc: int) -> list[dict]:
+def measure(cases: list[str], layers: int, width: int, nproc: int) -> list[dict]:
     """The cases in one launch of `nproc` processes."""
-    args = [f"--case={','.join(cases)}", f"--layers={layers}"]
+    args = [f"--case={','.join(cases)}", f"--layers={layers}", f"--width={width}"]
     timeout = 300 + 120 * len(cases)  # a hang's limit: a case takes 3-20 s here
     # A fixed mmap threshold: freed tensors go back to the OS at once, so RSS follows what
     # is alive (glibc's adaptive threshold otherwise keeps freed setup buffers resident).
@@ -200,9 +201,9 @@ def measure(cases: list[str], layers: int, nproc: int) -> list[dict]:
 
 
 def run(quick: bool, repeats: int, out: Path) -> dict:
+    layers, width, nproc = (2, QUICK_WIDTH, 2) if quick else (6, WIDTH, 2)
     results: dict = {"machine": machine(), "quick": quick, "repeats": repeats, "rows": [],
-                     "block_params": WIDTH * WIDTH + WIDTH}  # fmt: skip
-    layers, nproc = (2 if quick else 6), 2
+                     "block_params": width * width + width}  # fmt: skip
     # A full run gives every repeat of every case fresh processes, so that none starts from
     # the allocator state another left (no warm-up needed: each measures from after its own
     # imports and process group); a quick run (a check of the pipeline, not of memory)
@@ -211,7 +212,7 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
     names = [case for _ in range(repeats) for case in cases]
     groups = [names] if quick else [[case] for case in names]
     reports: dict[str, list[dict]] = {case: [] for case in cases}
-    for case, report in zip(names, (r for g in groups for r in measure(g, layers, nproc)),
+    for case, report in zip(names, (r for g in groups for r in measure(g, layers, width, nproc)),
                             strict=True):  # fmt: skip
         reports[case].append(report)
     for case in cases:
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--case", help=argparse.SUPPRESS)  # a worker's cases, comma-separated
     p.add_argument("--layers", type=int, default=6, help=argparse.SUPPRESS)
+    p.add_argument("--width", type=int, default=WIDTH, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)

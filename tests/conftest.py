@@ -15,6 +15,14 @@ from distnn.monitor import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# One intra-op thread in every test process and every process a test starts (torchrun sets
+# this itself for 2 processes a node, not for 1): `pytest -n 2` on 2 cores already runs two
+# tests at once, and a second OpenMP thread spins on a busy core (a single-process resume test
+# took 90 s of CPU with 2 threads, 61 s with 1, beside another job). One thread everywhere
+# also makes an in-process reference sum its convolutions as a torchrun rank does.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 # Small and fast: no worker processes, no progress bar, runs under the test's tmp dir.
 FAST = ["data.workers=0", "log.progress=off", "log.wandb.mode=disabled"]
 

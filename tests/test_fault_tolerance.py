@@ -26,9 +26,10 @@ from tests.conftest import FAST, ROOT, run_cli
 
 # alexnet_cifar has dropout: exact continuation needs every rank's RNG state restored. The
 # full recipe is on (RandAugment, random erasing, MixUp/CutMix, an EMA of the weights): each
-# must continue exactly too. 16 steps an epoch (512 samples, global batch 32).
+# must continue exactly too. 16 steps an epoch (512 samples, global batch 32), at 16 px.
 COMMON = [*FAST, "model.name=alexnet_cifar", "train.max_steps=24", "train.batch_size=16",
-          "data.synthetic_train=512", "train.log_every=1", "ckpt.every_steps=4", "ckpt.keep=10",
+          "data.synthetic_train=512", "data.synthetic_val=64", "data.image_size=16",
+          "train.log_every=1", "ckpt.every_steps=4", "ckpt.keep=10",
           "ckpt.epoch_end=false", "dist.timeout_s=60", "data.augment=randaugment",
           "data.random_erasing=0.25", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0",
           "train.label_smoothing=0.1", "train.ema_decay=0.9"]  # fmt: skip
@@ -232,7 +233,8 @@ def test_nonfinite_skip_drops_the_step_and_counts_it(make_cfg, monkeypatch):
 def test_export_loads_strict_and_predicts(make_cfg, tmp_path):
     from PIL import Image
 
-    cfg = make_cfg("run.name=exp", *SHORT, "model.name=resnet18", "data.image_size=32")
+    cfg = make_cfg("run.name=exp", *SHORT, "model.name=resnet18", "data.image_size=32",
+                   "train.batch_size=8", "data.synthetic_val=16")  # fmt: skip
     train(cfg)
     r = run_cli("-m", "distnn.checkpoint", "export", str(cfg.run_dir), str(tmp_path / "m.pt"))
     assert r.returncode == 0, r.stderr

@@ -76,8 +76,8 @@ def test_fsdp_accumulating_two_micro_batches_equals_ddp_accumulating(tmp_path, d
 def test_fsdp_shards_resnet18_blocks_and_equals_ddp(tmp_path):
     """Rank 0's weights and BatchNorm statistics (its own batches in both) after 10 steps of
     2 accumulated micro-batches."""
-    net = ["model.name=resnet18", "data.synthetic_train=256", "train.batch_size=4",
-           "train.accum_steps=2"]  # fmt: skip
+    net = ["model.name=resnet18", "data.image_size=16", "data.synthetic_train=256",
+           "data.synthetic_val=16", "train.batch_size=4", "train.accum_steps=2"]  # fmt: skip
     two_ranks(tmp_path / "ddp", *net, "strategy.name=ddp", timeout=360)
     out = two_ranks(tmp_path / "fsdp", *net, "strategy.name=fsdp", timeout=360)
     assert "8 blocks (BasicBlock) + root" in out

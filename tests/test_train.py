@@ -107,9 +107,9 @@ def test_checkpoint_files_are_atomic_and_pruned(make_cfg):
 
 def test_resume_continues_the_same_loss_curve(make_cfg, tmp_path):
     """Resuming from a mid-epoch checkpoint reproduces the uninterrupted run's later losses."""
-    common = ["train.epochs=2", "train.batch_size=64", "data.synthetic_train=640",
-              "train.log_every=1", "ckpt.every_steps=5", "ckpt.keep=10",
-              "model.name=alexnet_cifar"]  # fmt: skip
+    common = ["train.epochs=2", "train.batch_size=16", "data.synthetic_train=160",
+              "data.synthetic_val=64", "data.image_size=16", "train.log_every=1",
+              "ckpt.every_steps=5", "ckpt.keep=10", "model.name=alexnet_cifar"]  # fmt: skip
     full = make_cfg("run.name=full", *common)
     train(full)
     resumed = make_cfg("run.name=resumed", *common)
@@ -123,7 +123,7 @@ def test_resume_continues_the_same_loss_curve(make_cfg, tmp_path):
         return {r["step"]: r["loss"] for r in read_metrics(cfg.run_dir) if "loss" in r}
 
     before, after = losses(full), losses(resumed)
-    assert sorted(after) == list(range(6, 21))  # 640 // 64 = 10 steps/epoch, resumed at 5
+    assert sorted(after) == list(range(6, 21))  # 160 // 16 = 10 steps/epoch, resumed at 5
     for step in after:  # alexnet has dropout: the RNG state is restored too
         assert after[step] == pytest.approx(before[step], rel=1e-6), step
     a = checkpoint.model_state(checkpoint.load_file(full.run_dir))
