@@ -201,7 +201,8 @@ def measure(cases: list[str], layers: int, width: int, nproc: int) -> list[dict]
 
 
 def run(quick: bool, repeats: int, out: Path) -> dict:
-    layers, width, nproc = (2, QUICK_WIDTH, 2) if quick else (6, WIDTH, 2)
+    layers, width = (2, QUICK_WIDTH) if quick else (6, WIDTH)
+    nproc = 2
     results: dict = {"machine": machine(), "quick": quick, "repeats": repeats, "rows": [],
                      "block_params": width * width + width}  # fmt: skip
     # A full run gives every repeat of every case fresh processes, so that none starts from
