@@ -296,7 +296,7 @@ def scaling(plan: list[tuple], nproc: int, repeats: int, versus: list[tuple] = (
 
 def scaled_models(quick: bool) -> list[tuple[str, int, int]]:
     """(model, batch per process, steps) of the 2-process rows: scaling and FSDP vs DDP."""
-    return [("tutorial_cnn", 64, 10 if quick else 30)] + ([] if quick else [("resnet18", 32, 10)])
+    return [("tutorial_cnn", 64, 4 if quick else 30)] + ([] if quick else [("resnet18", 32, 10)])
 
 
 def run_fsdp_only(repeats: int, out: Path) -> dict:
@@ -331,8 +331,8 @@ def run(quick: bool, repeats: int, out: Path) -> dict:
     # .item(), grad norm, a JSON line) and every 1000 (the per-step cost of the loop alone).
     cases = [("linear", 8, 64, "fp32", 200 if quick else 1000, 1000),
              ("linear", 8, 64, "fp32", 200 if quick else 1000),
-             ("tutorial_cnn", 32, 64, "fp32", 10 if quick else 30),
-             ("tutorial_cnn", 32, 64, "bf16", 10 if quick else 30),
+             ("tutorial_cnn", 32, 64, "fp32", 4 if quick else 30),
+             ("tutorial_cnn", 32, 64, "bf16", 4 if quick else 30),
              ("resnet18", 32, 16 if quick else 32, "fp32", 2 if quick else 10),
              ("resnet18", 32, 16 if quick else 32, "bf16", 2 if quick else 10)]  # fmt: skip
     if not quick:
