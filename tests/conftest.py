@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -94,6 +98,95 @@ def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None, env: dict
         cwd=cwd or ROOT,
         env=full_env,
     )
+
+
+def shared(tmp_path_factory, name: str, build: Callable[[Path], str | None]) -> Path:
+    """`build(path)` once in the whole session, by whichever xdist worker asks first; the other
+    waits for it and reads the same path. For the reference runs that tests on either worker
+    compare against (2-3 processes each, 5+ s of start-up apiece): a module fixture is built
+    again on every worker, and again when a module's tests are interleaved with others'.
+    Tests only read what it holds; what build returns (a run's stdout) is `shared_stdout`."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this session's, shared by its workers
+    path, done = base / "shared" / name, base / "shared" / f"{name}.done"
+    path.parent.mkdir(exist_ok=True)
+    with open(base / "shared" / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on a failure
+        if not done.exists():  # a build that failed left no marker: this one starts afresh
+            shutil.rmtree(path, ignore_errors=True)
+            out = build(path)
+            path.with_name(f"{name}.stdout").write_text(out or "")
+            done.touch()
+    return path
+
+
+def shared_stdout(path: Path) -> str:
+    return path.with_name(f"{path.name}.stdout").read_text()
+
+
+# The 2-rank equivalence runs (test_fsdp, test_deepspeed): 10 steps of global batch 16 (2 × 8)
+# on tutorial_cnn (no BatchNorm, no dropout), fp32, SGD with momentum, an EMA of the weights.
+# 513 validation samples: rank 0 evaluates 33 batches of 8, rank 1 32, and the sharded
+# forwards of FSDP and ZeRO-3 must still meet rank 0's last.
+EQUIVALENCE = [*FAST, "train.max_steps=10", "train.log_every=1", "data.synthetic_train=256",
+               "data.synthetic_val=513", "optim.lr=0.05", "ckpt.epoch_end=false",
+               "precision=fp32", "train.ema_decay=0.8", "dist.timeout_s=120"]  # fmt: skip
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 180):
+    return run_cli(
+        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args,
+        env=env, timeout=timeout,
+    )  # fmt: skip
+
+
+def two_ranks(run_dir: Path, *overrides: str, timeout: float = 400, env: dict | None = None):
+    """2 torchrun processes of EQUIVALENCE + overrides into run_dir; the finished process."""
+    r = torchrun(2, "-m", "distnn.train", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
+                 *EQUIVALENCE, *overrides, env=env, timeout=timeout)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory) -> Path:
+    """DDP on 2 ranks × 8: what FSDP and every ZeRO stage must reproduce."""
+
+    def build(path: Path) -> str:
+        return two_ranks(path, "strategy.name=ddp", "train.batch_size=8").stdout
+
+    return shared(tmp_path_factory, "ddp_2x8", build)
+
+
+def one_line_error(main: Callable[[list[str]], object], argv: list[str], capfd) -> str:
+    """A CLI's main run in this process as `python -m` runs it: exit code 2 and one line on
+    stderr, `error: ...`. stderr is read at the file descriptor, where a library's logging
+    handler writes too. (A process of its own adds only the imports' output: each CLI has a
+    test that starts one.)"""
+    capfd.readouterr()  # what the test wrote before is not this command's
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@contextlib.contextmanager
+def importable(directory: Path, package: str) -> Iterator[None]:
+    """`package`, a user's, importable from `directory` in this process, then forgotten."""
+    sys.path.insert(0, str(directory))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(directory))
+        for name in [n for n in sys.modules if n == package or n.startswith(f"{package}.")]:
+            del sys.modules[name]
 
 
 # --- datasets in their official on-disk formats -----------------------------------------------

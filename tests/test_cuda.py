@@ -24,8 +24,14 @@ from distnn.data.prefetch import DevicePrefetcher
 from distnn.monitor import read_metrics
 from distnn.parallel.env import Env
 from distnn.train import train
-from tests.conftest import FAST, assert_same_params, final_weights, logged_steps, run_cli
-from tests.test_distributed import losses
+from tests.conftest import (
+    FAST,
+    assert_same_params,
+    final_weights,
+    logged_steps,
+    losses,
+    run_cli,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),

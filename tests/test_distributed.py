@@ -11,23 +11,12 @@ import torch
 from distnn import config
 from distnn.monitor import read_metrics
 from distnn.train import train
-from tests.conftest import FAST, assert_same_params, final_weights, run_cli
+from tests.conftest import FAST, assert_same_params, final_weights, losses, run_cli, torchrun
 
 # A small fp32 problem: tutorial_cnn (no BatchNorm, no dropout), so the math is the same
 # whatever the split; 6 optimizer steps of global batch 32.
 COMMON = [*FAST, "train.max_steps=6", "train.log_every=1", "data.synthetic_train=512",
           "optim.lr=0.05", "ckpt.epoch_end=false", "precision=fp32"]  # fmt: skip
-
-
-def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 180):
-    return run_cli(
-        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args,
-        env=env, timeout=timeout,
-    )  # fmt: skip
-
-
-def losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from distnn.data import digits
 from distnn.errors import UserError
 from distnn.optim import Optimizers
 from distnn.train import train
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, one_line_error
 
 DIGITS = ["data.source=imagefolder", "data.hflip=false", "optim.lr=0.03", "optim.nesterov=true",
           "train.batch_size=32", "sched.warmup_steps=0", "model.name=tutorial_cnn"]  # fmt: skip
@@ -97,12 +97,13 @@ def test_every_weights_format_loads_the_same(pretrained, tmp_path):
         assert all(torch.equal(state[k], plain[k]) for k in plain if k not in HEAD), source
 
 
-def test_weights_of_another_architecture_are_one_line(pretrained, tmp_path):
+def test_weights_of_another_architecture_are_one_line(pretrained, tmp_path, capfd):
+    from distnn.train import main
+
     export, subset, _ = pretrained
-    r = run_cli("-m", "distnn.train", f"run.dir={tmp_path}", *FAST, *DIGITS, f"data.root={subset}",
-                "model.name=lenet5", f"model.init_from={export}")  # fmt: skip
-    assert r.returncode == 2
-    [line] = r.stderr.splitlines()
+    argv = [f"run.dir={tmp_path}", *FAST, *DIGITS, f"data.root={subset}", "model.name=lenet5",
+            f"model.init_from={export}"]  # fmt: skip
+    line = one_line_error(main, argv, capfd)
     assert line.startswith(f"error: model.init_from='{export}'"), line
     # lenet5's first conv
     assert "'features.0.weight' has shape (32, 3, 5, 5) there, (6, 3, 5, 5) in this model" in line

@@ -9,9 +9,11 @@ import os
 import pytest
 import torch
 
-from distnn import config, data, models
+from distnn import checkpoint, config, data, models
+from distnn.monitor import read_metrics
 from distnn.parallel.env import Env
 from distnn.precision import cpu_has_bf16
+from distnn.predict import main as predict
 from distnn.train import train
 from tests import user_package
 from tests.conftest import (
@@ -21,30 +23,17 @@ from tests.conftest import (
     final_ema,
     final_weights,
     last_eval,
+    losses,
     run_cli,
+    shared,
+    shared_stdout,
+    torchrun,
 )
-from tests.test_distributed import losses, torchrun
-
-COMMON = [*FAST, "train.max_steps=10", "train.log_every=1", "data.synthetic_train=512",
-          "optim.lr=0.05", "ckpt.epoch_end=false", "precision=fp32",
-          "train.ema_decay=0.8"]  # fmt: skip
+from tests.conftest import two_ranks as launch
 
 
-def two_ranks(run_dir, *args: str, timeout: float = 240) -> None:
-    r = torchrun(2, "-m", "distnn.train", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
-                 *COMMON, "log.progress=lines", *args, timeout=timeout)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
-
-
-@pytest.fixture(scope="module")
-def ddp(tmp_path_factory):
-    """DDP, 2 ranks × 16, and × 8 with 2 accumulated micro-batches (tutorial_cnn: no
-    BatchNorm, no dropout)."""
-    root = tmp_path_factory.mktemp("ddp")
-    two_ranks(root / "ddp", "strategy.name=ddp", "train.batch_size=16")
-    two_ranks(root / "accum", "strategy.name=ddp", "train.batch_size=8", "train.accum_steps=2")
-    return root
+def two_ranks(run_dir, *args: str, timeout: float = 240) -> str:
+    return launch(run_dir, "log.progress=lines", *args, timeout=timeout).stdout
 
 
 def assert_same_run(run_dir, reference, rtol: float = 1e-5, evals: bool = True) -> None:
@@ -58,26 +47,38 @@ def assert_same_run(run_dir, reference, rtol: float = 1e-5, evals: bool = True) 
         assert ema == pytest.approx(last_eval(reference)["val_loss_ema"], rel=rtol)
 
 
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    """FSDP on 2 ranks × 8, once in the session (conftest.shared)."""
+
+    def build(path):
+        return two_ranks(path, "strategy.name=fsdp", "train.batch_size=8")
+
+    return shared(tmp_path_factory, "fsdp_2x8", build)
+
+
 @pytest.mark.timeout(300)
-def test_fsdp_equals_ddp(tmp_path, ddp):
-    out = two_ranks(tmp_path / "fsdp", "strategy.name=fsdp", "train.batch_size=16")
+def test_fsdp_equals_ddp(fsdp, ddp_reference):
+    out = shared_stdout(fsdp)
     assert "strategy: fsdp over gloo, 2 processes, 2 blocks (Sequential) + root" in out
-    assert_same_run(tmp_path / "fsdp", ddp / "ddp")
+    assert_same_run(fsdp, ddp_reference)
 
 
 @pytest.mark.timeout(300)
-def test_fsdp_accumulating_two_micro_batches_equals_ddp_accumulating(tmp_path, ddp):
-    """Non-final micro-batches keep their gradients local, as DDP's no_sync does."""
-    two_ranks(tmp_path / "accum", "strategy.name=fsdp", "train.batch_size=8", "train.accum_steps=2")
-    assert_same_run(tmp_path / "accum", ddp / "accum")
+def test_fsdp_accumulating_two_micro_batches_equals_ddp(tmp_path, ddp_reference):
+    """2 ranks × 2 accumulated micro-batches of 4: DDP's 2 × 8 (DDP accumulating equals DDP
+    not accumulating: tests/test_distributed.py). Non-final micro-batches keep their
+    gradients local, as DDP's no_sync does."""
+    two_ranks(tmp_path / "accum", "strategy.name=fsdp", "train.batch_size=4", "train.accum_steps=2")
+    assert_same_run(tmp_path / "accum", ddp_reference)
 
 
 @pytest.mark.timeout(400)
 def test_fsdp_shards_resnet18_blocks_and_equals_ddp(tmp_path):
     """Rank 0's weights and BatchNorm statistics (its own batches in both) after 10 steps of
     2 accumulated micro-batches."""
-    net = ["model.name=resnet18", "data.image_size=16", "data.synthetic_train=256",
-           "data.synthetic_val=16", "train.batch_size=4", "train.accum_steps=2"]  # fmt: skip
+    net = ["model.name=resnet18", "data.image_size=16", "data.synthetic_val=16",
+           "train.batch_size=4", "train.accum_steps=2"]  # fmt: skip
     two_ranks(tmp_path / "ddp", *net, "strategy.name=ddp", timeout=360)
     out = two_ranks(tmp_path / "fsdp", *net, "strategy.name=fsdp", timeout=360)
     assert "8 blocks (BasicBlock) + root" in out
@@ -88,14 +89,12 @@ def test_fsdp_shards_resnet18_blocks_and_equals_ddp(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_fsdp_evaluates_an_uneven_split_in_lockstep(tmp_path):
+def test_fsdp_evaluates_an_uneven_split_in_lockstep(fsdp):
     """513 samples, batch 8, 2 ranks: 33 batches on rank 0, 32 on rank 1, whose sharded
     forwards must still meet rank 0's last. Every sample counts once: the logged val_loss is
     one process's loss over all 513 with the run's final weights."""
-    run_dir = tmp_path / "uneven"
-    two_ranks(run_dir, "strategy.name=fsdp", "train.batch_size=8", "data.synthetic_val=513",
-              "train.max_steps=4")  # fmt: skip
-    logged = [r["val_loss"] for r in checkpoint_records(run_dir) if "val_loss" in r][-1]
+    run_dir = fsdp
+    logged = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r][-1]
     cfg = config.load(run_dir / "config.yaml", ["data.workers=0"])
     loaders = data.build(cfg, Env())
     assert loaders.val_size == 513
@@ -113,12 +112,6 @@ def test_fsdp_evaluates_an_uneven_split_in_lockstep(tmp_path):
     assert logged == pytest.approx(total / n, rel=1e-5)
 
 
-def checkpoint_records(run_dir):
-    from distnn.monitor import read_metrics
-
-    return read_metrics(run_dir)
-
-
 @pytest.mark.timeout(300)
 def test_fsdp_checkpoint_exports_predicts_initialises_and_resumes_on_one_rank(tmp_path, capsys):
     """Each rank writes its own shards (DCP); export merges them; a checkpoint cut short is
@@ -132,17 +125,16 @@ def test_fsdp_checkpoint_exports_predicts_initialises_and_resumes_on_one_rank(tm
     assert (step6 / ".metadata").is_file() and (step6 / "state.pt").is_file()
     r = run_cli("-m", "distnn.checkpoint", "export", str(run_dir), str(tmp_path / "m.pt"))
     assert r.returncode == 0, r.stderr
-    r = run_cli("-m", "distnn.checkpoint", "export", "--weights", "ema", str(run_dir),
-                str(tmp_path / "ema.pt"))  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    checkpoint.main(["export", "--weights", "ema", str(run_dir), str(tmp_path / "ema.pt")])
     ema = torch.load(tmp_path / "ema.pt", weights_only=True)
     model = models.build("tutorial_cnn", 10, 32)
     model.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), strict=True)
     from PIL import Image
 
     Image.new("RGB", (32, 32), (20, 200, 90)).save(tmp_path / "x.png")
-    r = run_cli("-m", "distnn.predict", "--checkpoint", str(run_dir), str(tmp_path / "x.png"))
-    assert r.returncode == 0 and "x.png: class_" in r.stdout, r.stderr
+    capsys.readouterr()
+    predict(["--checkpoint", str(run_dir), str(tmp_path / "x.png")])
+    assert "x.png: class_" in capsys.readouterr().out
     cfg = config.load(None, [*FAST, f"model.init_from={run_dir}"])
     started, _, _ = models.prepare(cfg, 10, torch.device("cpu"))
     assert_same_params(started.state_dict(), model.state_dict(), rtol=0, atol=0)

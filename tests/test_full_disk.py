@@ -21,8 +21,7 @@ from distnn.errors import UserError
 from distnn.monitor import Run
 from distnn.parallel.env import Env
 from distnn.train import train
-from tests.conftest import FAST, run_cli, write_imagefolder
-from tests.test_distributed import torchrun
+from tests.conftest import FAST, run_cli, torchrun, write_imagefolder
 
 FULL = "no space left on device"
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import typing
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +16,8 @@ from distnn.models import build, names
 from distnn.models.__main__ import main
 from distnn.models.init import SCHEMES, expected_std, initialize
 from distnn.models.summary import Profile, profile, table
+from tests.conftest import importable, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 TINYNET = """from torch import nn
@@ -64,74 +60,40 @@ def userpkg_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def userpkg(userpkg_dir):
     """userpkg importable in this process for the test's duration."""
-    sys.path.insert(0, str(userpkg_dir))
-    try:
+    with importable(userpkg_dir, "userpkg"):
         yield
-    finally:
-        sys.path.remove(str(userpkg_dir))
-        for name in [n for n in sys.modules if n == "userpkg" or n.startswith("userpkg.")]:
-            del sys.modules[name]
-
-
-CLI_RUNS = {
-    "resnet18": ["summary", "resnet18", "--image-size", "32"],
-    # A ViT: its cls token and position embeddings belong to no leaf layer.
-    "timm:test_vit": ["summary", "timm:test_vit", "--image-size", "32", "--kwargs", "img_size=32"],
-    "user": ["summary", "userpkg.nets:TinyNet", "--kwargs", "width=4"],
-    "unknown": ["summary", "no_such"],
-}
-
-
-@pytest.fixture(scope="module")
-def cli(userpkg_dir) -> Iterator[Callable[[str], subprocess.CompletedProcess[str]]]:
-    """The CLI_RUNS, all started at once (each is mostly importing torch, which overlaps well);
-    cli(key) waits for one."""
-    procs = {}
-    for key, args in CLI_RUNS.items():
-        env = dict(os.environ)
-        if key == "user":
-            env["PYTHONPATH"] = os.pathsep.join([str(userpkg_dir), str(ROOT)])
-        procs[key] = subprocess.Popen(
-            [sys.executable, "-m", "distnn.models", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-        )  # fmt: skip
-
-    def finish(key: str) -> subprocess.CompletedProcess[str]:
-        out, err = procs[key].communicate(timeout=180)
-        return subprocess.CompletedProcess(procs[key].args, procs[key].returncode, out, err)
-
-    try:
-        yield finish
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
 
 
 # --- summary CLI --------------------------------------------------------------------------------
 
 
+def summary(capsys, *args: str) -> str:
+    """`python -m distnn.models summary ...` in this process: its stdout."""
+    main(["summary", *args])
+    return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name, kwargs", [("resnet18", {}), ("timm:test_vit", {"img_size": 32})])
-def test_summary_total_params_match_the_model(cli, name, kwargs):
-    result = cli(name)
-    assert result.returncode == 0, result.stderr
-    assert total_params(result.stdout) == count(build(name, 10, 32, kwargs))
-    last = result.stdout.strip().splitlines()[-1]
+def test_summary_total_params_match_the_model(capsys, name, kwargs):
+    # A ViT: its cls token and position embeddings belong to no leaf layer.
+    extra = ["--kwargs", *(f"{k}={v}" for k, v in kwargs.items())] if kwargs else []
+    out = summary(capsys, name, "--image-size", "32", *extra)
+    assert total_params(out) == count(build(name, 10, 32, kwargs))
+    last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"\S+ \w? ?parameters \(.+ trainable\), .+FLOPs per image", last), last
-    assert "Units." not in result.stdout  # torchinfo's enum label, rewritten
+    assert "Units." not in out  # torchinfo's enum label, rewritten
 
 
-def test_summary_of_a_users_model(cli, userpkg):
-    result = cli("user")
-    assert result.returncode == 0, result.stderr
+def test_summary_of_a_users_model(capsys, userpkg):
+    out = summary(capsys, "userpkg.nets:TinyNet", "--kwargs", "width=4")
     model = build("userpkg.nets:TinyNet", 10, 32, {"width": 4})
-    assert total_params(result.stdout) == count(model)
+    assert total_params(out) == count(model)
     assert count(model) != count(build("userpkg.nets:TinyNet", 10, 32))  # the kwarg reached it
 
 
-def test_summary_of_an_unknown_model_is_one_error_line(cli):
-    result = cli("unknown")
+def test_summary_of_an_unknown_model_is_one_error_line():
+    """The CLI as a user starts it: exit code 2, one line."""
+    result = run_cli("-m", "distnn.models", "summary", "no_such")
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr

@@ -11,7 +11,7 @@ from torchvision import models as tvm
 from distnn import checkpoint
 from distnn.errors import UserError
 from distnn.models import build, cifar, names, register, zoo
-from tests.conftest import run_cli
+from tests.conftest import one_line_error
 
 EXPECTED_NAMES = [
     "alexnet_cifar",
@@ -225,10 +225,11 @@ def test_timm_model_trains_a_few_steps_at_32px(make_cfg) -> None:
     assert state["strategy"]["model"]["fc.weight"].shape == (10, 512)
 
 
-def test_unknown_timm_name_is_one_line_with_suggestions() -> None:
-    r = run_cli("-m", "distnn.train", "model.name=timm:resnet_18", "log.wandb.mode=disabled")
-    assert r.returncode == 2
-    [line] = r.stderr.splitlines()
+def test_unknown_timm_name_is_one_line_with_suggestions(tmp_path, capfd) -> None:
+    from distnn.train import main
+
+    argv = [f"run.dir={tmp_path}", "model.name=timm:resnet_18", "log.wandb.mode=disabled"]
+    line = one_line_error(main, argv, capfd)
     assert line.startswith("error: unknown model.name 'timm:resnet_18': not a timm model; closest:")
     assert "resnet18" in line.split("closest:")[1]
 

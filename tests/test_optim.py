@@ -225,7 +225,7 @@ LARGE_BATCH = {
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(LARGE_BATCH))
 def test_lamb_and_lars_learn_digits_at_global_batch_256_on_two_ranks(name, digits_dir, tmp_path):
-    from tests.test_distributed import torchrun
+    from tests.conftest import torchrun
 
     start = time.monotonic()
     r = torchrun(2, "-m", "distnn.train", f"run.dir={tmp_path}", f"run.name={name}", *FAST,

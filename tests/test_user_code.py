@@ -18,7 +18,17 @@ from PIL import Image
 from distnn import checkpoint, config
 from distnn.errors import UserError
 from tests import user_package
-from tests.conftest import FAST, ROOT, assert_same_params, final_weights, run_cli
+from tests.conftest import (
+    FAST,
+    ROOT,
+    assert_same_params,
+    final_weights,
+    importable,
+    one_line_error,
+    run_cli,
+    shared,
+    shared_stdout,
+)
 from tests.test_fault_tolerance import step_losses, wait_for, worker_pids
 
 MODEL = ["model.name=userpkg.nets:SmallNet", "model.kwargs.width=8"]
@@ -29,10 +39,15 @@ COMMON = [*FAST, *MODEL, *DATA, "train.max_steps=16", "train.log_every=1", "opti
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory) -> dict[str, str]:
+def site(tmp_path_factory) -> Path:
+    """Where the user's package lies: outside the repo."""
+    return user_package.write(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture(scope="module")
+def package(site) -> dict[str, str]:
     """The environment that finds the user's package (PYTHONPATH, as a user sets it)."""
-    root = user_package.write(tmp_path_factory.mktemp("site"))
-    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(root)])}
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
 
 
 def cli(package: dict, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -48,19 +63,25 @@ def torchrun(run_dir: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def one_rank(package, tmp_path_factory) -> Path:
     """1 process × batch 32: what 2 ranks × 16 must reproduce."""
-    run_dir = tmp_path_factory.mktemp("one") / "one"
-    r = cli(package, "-m", "distnn.train", f"run.dir={run_dir.parent}", "run.name=one",
-            *COMMON, "train.batch_size=32")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run_dir
+
+    def build(run_dir: Path) -> str:
+        r = cli(package, "-m", "distnn.train", f"run.dir={run_dir.parent}",
+                f"run.name={run_dir.name}", *COMMON, "train.batch_size=32")  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    return shared(tmp_path_factory, "user_one_rank", build)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(package, tmp_path_factory) -> tuple[Path, str]:
-    run_dir = tmp_path_factory.mktemp("two") / "two"
-    r = cli(package, *torchrun(run_dir, "log.progress=lines"), timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run_dir, r.stdout
+    def build(run_dir: Path) -> str:
+        r = cli(package, *torchrun(run_dir, "log.progress=lines"), timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    run_dir = shared(tmp_path_factory, "user_two_ranks", build)
+    return run_dir, shared_stdout(run_dir)
 
 
 def assert_same_run(run_dir: Path, reference: Path, rtol: float) -> None:
@@ -173,10 +194,12 @@ def test_export_then_predict_classifies_with_the_user_model(package, tmp_path, t
         ("userpkg.nets:not_a_model", "returned a dict, not a torch.nn.Module"),
     ],
 )
-def test_a_bad_model_name_is_one_line(package, tmp_path, name, message):
-    r = cli(package, "-m", "distnn.train", f"run.dir={tmp_path}", *COMMON, f"model.name={name}")
-    assert r.returncode == 2
-    [line] = r.stderr.splitlines()
+def test_a_bad_model_name_is_one_line(site, tmp_path, capfd, name, message):
+    """In this process (the torchrun test below starts the CLI)."""
+    from distnn.train import main
+
+    with importable(site, "userpkg"):
+        line = one_line_error(main, [f"run.dir={tmp_path}", *COMMON, f"model.name={name}"], capfd)
     assert line.startswith(f"error: model.name={name!r}") and message in line
     assert not (tmp_path / "default").exists()
 
