@@ -1,5 +1,6 @@
-"""launch/*.sh: real torchrun jobs, one node with 2 processes and 2 "nodes" of 1 process each
-meeting through c10d rendezvous on this host; the two must train the same weights."""
+"""launch/*.sh: real torchrun jobs. 2 "nodes" of 1 process each meet through c10d rendezvous on
+this host and train what one node of 2 processes trains (conftest's DDP reference; the
+single-node script trains the user's package in tests/test_user_code.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from tests.conftest import FAST, ROOT, final_weights
-
-COMMON = [*FAST, "train.max_steps=4", "train.batch_size=16", "data.synthetic_train=256",
-          "ckpt.epoch_end=false", "precision=fp32"]  # fmt: skip
+from tests.conftest import EQUIVALENCE, ROOT, assert_same_params, final_weights
 
 
 def script(name: str, *args: str, env: dict | None = None, **kw) -> subprocess.Popen:
@@ -53,17 +50,12 @@ def test_multi_node_names_what_is_missing():
 
 
 @pytest.mark.timeout(300)
-def test_two_nodes_by_rendezvous_equal_one_node_of_two(tmp_path):
-    one = script("single_node.sh", f"run.dir={tmp_path}", "run.name=one", *COMMON,
-                 env={"NPROC": "2"})  # fmt: skip
-    finish(one)
+def test_two_nodes_by_rendezvous_equal_one_node_of_two(tmp_path, ddp_reference):
     env = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "RDZV_ID": "launch-test"}  # fmt: skip
-    nodes = [script("multi_node.sh", f"run.dir={tmp_path}", "run.name=two", *COMMON, env=env)
-             for _ in range(2)]  # fmt: skip
+    args = [f"run.dir={tmp_path}", "run.name=two", *EQUIVALENCE, "train.batch_size=8"]
+    nodes = [script("multi_node.sh", *args, env=env) for _ in range(2)]
     for node in nodes:
         finish(node)
-    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_same_params(final_weights(tmp_path / "two"), final_weights(ddp_reference))
     assert (tmp_path / "two" / "summary.json").read_text().count('"world_size": 2') == 1
