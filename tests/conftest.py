@@ -125,6 +125,20 @@ def shared_stdout(path: Path) -> str:
     return path.with_name(f"{path.name}.stdout").read_text()
 
 
+def shared_run(
+    tmp_path_factory, name: str, command: Callable[[Path], list[str]], timeout: float = 240,
+    env: dict | None = None,
+) -> Path:  # fmt: skip
+    """`shared()` for a run that `run_cli(*command(path))` makes: it must exit 0."""
+
+    def build(path: Path) -> str:
+        r = run_cli(*command(path), timeout=timeout, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    return shared(tmp_path_factory, name, build)
+
+
 # The 2-rank equivalence runs (test_fsdp, test_deepspeed): 10 steps of global batch 16 (2 × 8)
 # on tutorial_cnn (no BatchNorm, no dropout), fp32, SGD with momentum, an EMA of the weights.
 # 513 validation samples: rank 0 evaluates 33 batches of 8, rank 1 32, and the sharded
@@ -145,10 +159,14 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 1
     )  # fmt: skip
 
 
-def two_ranks(run_dir: Path, *overrides: str, timeout: float = 400, env: dict | None = None):
-    """2 torchrun processes of EQUIVALENCE + overrides into run_dir; the finished process."""
-    r = torchrun(2, "-m", "distnn.train", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
-                 *EQUIVALENCE, *overrides, env=env, timeout=timeout)  # fmt: skip
+def two_ranks(
+    run_dir: Path, *overrides: str, timeout: float = 400, env: dict | None = None, restarts: int = 0
+):
+    """2 torchrun processes of EQUIVALENCE + overrides into run_dir (torchrun restarting the
+    group up to `restarts` times); the finished process."""
+    r = torchrun(2, f"--max-restarts={restarts}", "-m", "distnn.train",
+                 f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *EQUIVALENCE,
+                 *overrides, env=env, timeout=timeout)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

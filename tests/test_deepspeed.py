@@ -34,8 +34,9 @@ from tests.conftest import (
     one_line_error,
     run_cli,
     shared,
+    shared_run,
     shared_stdout,
-    torchrun,
+    two_ranks,
 )
 
 pytest.importorskip("deepspeed")
@@ -47,25 +48,7 @@ ZERO3 = ["train.batch_size=8", *ZERO, "strategy.deepspeed.zero_stage=3", "ckpt.e
 
 
 def launch(root: Path, name: str, *overrides: str, restarts: int = 0, env: dict | None = None):
-    r = torchrun(2, f"--max-restarts={restarts}", "-m", "distnn.train", f"run.dir={root}",
-                 f"run.name={name}", *COMMON, *overrides, env=env, timeout=400)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    return root / name, r
-
-
-def shared_launch(tmp_path_factory, name: str, *overrides: str, nproc: int = 2) -> Path:
-    """A run several tests compare against, launched once in the session (conftest.shared)."""
-
-    def build(path: Path) -> str:
-        if nproc == 2:
-            _, r = launch(path.parent, path.name, *overrides)
-        else:  # python -m distnn.train alone: no launcher, no LOCAL_RANK
-            r = run_cli("-m", "distnn.train", f"run.dir={path.parent}", f"run.name={path.name}",
-                        *COMMON, *overrides, timeout=240)  # fmt: skip
-            assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout
-
-    return shared(tmp_path_factory, name, build)
+    return root / name, two_ranks(root / name, *overrides, restarts=restarts, env=env)
 
 
 def grad_norms(run_dir: Path) -> list[float]:
@@ -84,7 +67,7 @@ def root(tmp_path_factory) -> Path:
 def zero3(root, tmp_path_factory) -> Path:
     """ZeRO-3 on 2 ranks × 8 with checkpoints every 4 steps: DDP's equal, and what a crashed
     and restarted run must reproduce."""
-    return shared_launch(tmp_path_factory, "zero3", *ZERO3)
+    return shared(tmp_path_factory, "zero3", lambda path: two_ranks(path, *ZERO3).stdout)
 
 
 def assert_equals_ddp(run_dir: Path, ddp: Path) -> None:
@@ -163,7 +146,12 @@ SCHEDULE = ["optim.name=adamw", "optim.lr=0.001", "sched.warmup_steps=4", "train
 @pytest.fixture(scope="module")
 def alone(root, tmp_path_factory) -> Path:
     """python -m distnn.train alone (no launcher, no LOCAL_RANK) with ZeRO-2."""
-    run_dir = shared_launch(tmp_path_factory, "alone", *SCHEDULE, *ZERO, nproc=1)
+
+    def command(path: Path) -> list[str]:
+        return ["-m", "distnn.train", f"run.dir={path.parent}", f"run.name={path.name}", *COMMON,
+                *SCHEDULE, *ZERO]  # fmt: skip
+
+    run_dir = shared_run(tmp_path_factory, "alone", command)
     out = shared_stdout(run_dir)
     assert "deepspeed ZeRO-2, optimizer AdamW, schedule distnn's sched.*" in out
     assert "1 process(es)" in out

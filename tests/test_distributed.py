@@ -170,18 +170,18 @@ def test_sync_batchnorm_on_cpu_is_refused_before_training(make_cfg):
         parallel.build(cfg, env, cpu, precision.build("fp32", cpu))
 
 
-def test_resume_at_another_world_size_says_so(tmp_path, ddp_reference, capsys):
+def test_resume_at_another_world_size_says_so(make_cfg, ddp_reference, capsys):
     """A checkpoint of 2 processes (conftest's DDP reference, 2 × 8) resumed by 1 with
     train.batch_size=8: it continues, and says in one line that the run no longer follows the
     uninterrupted one."""
-    shutil.copytree(ddp_reference, tmp_path / "grown")
-    overrides = [f"run.dir={tmp_path}", "run.name=grown", *EQUIVALENCE, "train.batch_size=8",
-                 "train.max_steps=11", "log.progress=lines"]  # fmt: skip
-    train(config.load(None, overrides))
+    cfg = make_cfg("run.name=grown", *EQUIVALENCE, "train.batch_size=8", "train.max_steps=11",
+                   "log.progress=lines")  # fmt: skip
+    shutil.copytree(ddp_reference, cfg.run_dir)
+    train(cfg)
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert notes == [
         "note: the checkpoint was written by 2 processes, this run has 1: it continues, but not "
         "exactly as an uninterrupted run (the global batch changes from 16 to 8); resume on 2 "
         "processes for that"
     ]
-    assert json.loads((tmp_path / "grown" / "summary.json").read_text())["steps"] == 11
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["steps"] == 11

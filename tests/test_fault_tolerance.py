@@ -22,7 +22,7 @@ from distnn.monitor import read_metrics
 from distnn.predict import main as predict
 from distnn.preempt import PREEMPTED_EXIT_CODE, requeue_command
 from distnn.train import train
-from tests.conftest import FAST, ROOT, run_cli, shared
+from tests.conftest import FAST, ROOT, run_cli, shared_run
 
 # alexnet_cifar has dropout: exact continuation needs every rank's RNG state restored. The
 # full recipe is on (RandAugment, random erasing, MixUp/CutMix, an EMA of the weights): each
@@ -69,13 +69,7 @@ def resumed_at(stdout: str) -> int:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run: once in the session, whichever worker asks first."""
-
-    def build(path: Path) -> str:
-        r = run_cli(*torchrun_args(path), timeout=240)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout
-
-    return shared(tmp_path_factory, "fault_tolerance", build)
+    return shared_run(tmp_path_factory, "fault_tolerance", torchrun_args)
 
 
 def start_torchrun(run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, ROOT, assert_same_params, final_weights, run_cli, shared
+from tests.conftest import FAST, ROOT, assert_same_params, final_weights, run_cli, shared_run
 from tests.test_fault_tolerance import step_losses, wait_for, worker_pids
 
 # tutorial_cnn (no BatchNorm, no dropout): the math is the same however the batch is split.
@@ -34,13 +34,7 @@ def args(nproc: int, run_dir: Path, strategy: str) -> list[str]:
 def reference(tmp_path_factory) -> Path:
     """DDP on 2 ranks, uninterrupted: what either strategy, killed and resumed at another
     world size, must follow (FSDP computes what DDP does: tests/test_fsdp.py)."""
-
-    def build(path: Path) -> str:
-        r = run_cli(*args(2, path, "ddp"), timeout=240)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout
-
-    return shared(tmp_path_factory, "resume_world_ddp", build)
+    return shared_run(tmp_path_factory, "resume_world_ddp", lambda path: args(2, path, "ddp"))
 
 
 @pytest.mark.timeout(600)

@@ -26,7 +26,7 @@ from tests.conftest import (
     importable,
     one_line_error,
     run_cli,
-    shared,
+    shared_run,
     shared_stdout,
 )
 from tests.test_fault_tolerance import step_losses, wait_for, worker_pids
@@ -64,23 +64,17 @@ def torchrun(run_dir: Path, *extra: str) -> list[str]:
 def one_rank(package, tmp_path_factory) -> Path:
     """1 process × batch 32: what 2 ranks × 16 must reproduce."""
 
-    def build(run_dir: Path) -> str:
-        r = cli(package, "-m", "distnn.train", f"run.dir={run_dir.parent}",
-                f"run.name={run_dir.name}", *COMMON, "train.batch_size=32")  # fmt: skip
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout
+    def command(run_dir: Path) -> list[str]:
+        return ["-m", "distnn.train", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
+                *COMMON, "train.batch_size=32"]  # fmt: skip
 
-    return shared(tmp_path_factory, "user_one_rank", build)
+    return shared_run(tmp_path_factory, "user_one_rank", command, env=package)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(package, tmp_path_factory) -> tuple[Path, str]:
-    def build(run_dir: Path) -> str:
-        r = cli(package, *torchrun(run_dir, "log.progress=lines"), timeout=240)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout
-
-    run_dir = shared(tmp_path_factory, "user_two_ranks", build)
+    command = lambda run_dir: torchrun(run_dir, "log.progress=lines")  # noqa: E731
+    run_dir = shared_run(tmp_path_factory, "user_two_ranks", command, env=package)
     return run_dir, shared_stdout(run_dir)
 
 
