@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import warnings
@@ -28,14 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as td
 
-from distnn import fsio
+from distnn import fsio, safeload
+from distnn.checkpoint_files import NAME, STATE, UNTRUSTED, load_file, model_state
 from distnn.config import CkptConfig, Config, global_batch
 from distnn.errors import UserError, cli, reason
 from distnn.parallel import formats
 from distnn.parallel.dist import barrier
-
-_NAME = re.compile(r"^step_(\d{8})(\.pt)?$")
-STATE = "state.pt"  # in a directory checkpoint: everything but the shards
 
 
 def rng_state() -> dict[str, Any]:
@@ -43,7 +40,8 @@ def rng_state() -> dict[str, Any]:
     (a resumed rank may see fewer GPUs, or its GPU under another index)."""
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # As a list: the safe loader takes numpy arrays only by name (older checkpoints).
+        "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
@@ -51,7 +49,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     # A CPU run's checkpoint has no CUDA state; a GPU run's resumed on CPU has no use for it.
     if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():
@@ -87,29 +86,6 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file or directory, or a run directory's latest checkpoint."""
-    path = Path(path)
-    if path.is_dir() and not (path / STATE).is_file():
-        latest = path / "checkpoints" / "latest"
-        if not latest.is_file():
-            raise UserError(f"{str(path)!r} holds no checkpoints/latest")
-        path = latest.parent / latest.read_text().strip()
-    shards = path if (path / STATE).is_file() else None
-    file = path / STATE if shards else path
-    if not file.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        # weights_only=False: the checkpoint holds RNG states and numpy arrays, and is our own.
-        state = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"checkpoint {str(path)!r} cannot be read: {type(e).__name__}") from None
-    if shards is not None:  # the strategy finds its shards where the state was read
-        state["strategy"]["shards"] = str(shards)
-        formats.of(state["strategy"]).verify(shards)
-    return state
-
-
 def _fsync_tree(root: Path) -> None:
     for p in [*root.rglob("*"), root]:
         fd = os.open(p, os.O_RDONLY)
@@ -123,6 +99,9 @@ class Manager:
     def __init__(self, cfg: CkptConfig, run_dir: Path, writes: bool) -> None:
         self.cfg = cfg
         self.dir = Path(run_dir) / "checkpoints"
+        # The run's own checkpoints (it holds the run directory's lock) load in every form;
+        # what the safe loader refuses needs the user's word, wherever it is.
+        self.trust = safeload.Trust("ckpt.resume_trusted=true", cfg.resume_trusted, own=self.dir)
         self.writes = writes
         self.last_saved_step = -1
         self.best_value: float | None = None
@@ -171,12 +150,12 @@ class Manager:
     def _save_directory(
         self, state: dict[str, Any], path: Path, save_shards: Callable[[Path], None]
     ) -> None:
-        tmp = fsio.temp_path(path)
+        tmp = _gather(fsio.temp_path(path))[0]  # rank 0's fresh name, where every rank writes
 
         def prepare() -> None:
             if self.writes:
-                fsio.remove(tmp)  # left by a crash mid-save
-                tmp.mkdir(parents=True)
+                self.dir.mkdir(parents=True, exist_ok=True)
+                tmp.mkdir()  # exclusive: never an existing directory, nor through a symlink
 
         def finish() -> None:
             if self.writes:
@@ -215,8 +194,7 @@ class Manager:
     def _mark_best(self, path: Path) -> None:
         """best.pt (or best/) as hard links: no copy, and pruning the step leaves it intact."""
         best = self.dir / ("best" if path.is_dir() else "best.pt")
-        tmp = fsio.temp_path(best)
-        fsio.remove(tmp)
+        tmp = fsio.temp_path(best)  # fresh; os.link and copytree create it exclusively
         with fsio.reporting(best, partial=tmp):  # links take space too (directory entries)
             if path.is_dir():
                 shutil.copytree(path, tmp, copy_function=os.link)
@@ -228,7 +206,7 @@ class Manager:
     def saved(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name))
+        return sorted(p for p in self.dir.iterdir() if NAME.match(p.name))
 
     def restore(self) -> dict[str, Any] | None:
         """The checkpoint `ckpt.resume` names: none for `never`, the newest readable one in
@@ -241,12 +219,14 @@ class Manager:
         they belong to an attempt that was lost (or to the run that `never` starts over)."""
         if self.writes:
             self._forget_after(state["position"]["step"] if state else 0)
+            for partial in self.dir.glob(".*.tmp"):  # what a writer killed mid-save left
+                fsio.remove(partial)
 
     def _load(self) -> dict[str, Any] | None:
         candidates = [Path(self.cfg.resume)] if self.cfg.resume != "auto" else []
         for path in candidates or reversed(self.saved()):
             try:
-                state = load_file(path)
+                state = load_file(path, self.trust)
             except UserError as e:
                 if candidates:
                     raise
@@ -259,7 +239,7 @@ class Manager:
         return None
 
     def _forget_after(self, step: int) -> None:
-        stale = [p for p in self.saved() if int(_NAME.match(p.name).group(1)) > step]
+        stale = [p for p in self.saved() if int(NAME.match(p.name).group(1)) > step]
         if step == 0:
             stale += [self.dir / name for name in ("best.pt", "best", "latest")]
         for p in stale:
@@ -339,32 +319,22 @@ def resume_notes(state: dict[str, Any], cfg: Config, world_size: int) -> list[st
     return notes
 
 
-def model_state(state: dict[str, Any], ema: bool = False) -> dict[str, torch.Tensor]:
-    """The plain model state_dict inside a checkpoint (or an export, which is only that);
-    from sharded checkpoints, consolidated in fp32. `ema`: the EMA of the weights instead."""
-    if "strategy" not in state:
-        return state["model"]
-    strategy = state["strategy"]
-    if ema and strategy.get("ema") is not None:
-        return strategy["ema"]
-    if "shards" in strategy:
-        return formats.of(strategy).consolidate(strategy["shards"], "ema" if ema else "model")
-    if ema:
-        raise UserError("the checkpoint holds no EMA weights (its run had train.ema_decay=0)")
-    return strategy["model"]
-
-
-def export(source: str | Path, out: str | Path, ema: bool | None = None) -> Path:
-    """A plain model state_dict at OUT (loads strict into the zoo or torchvision builder) and
-    OUT with .json: what predict needs to rebuild the model and its preprocessing. `ema`: the
-    EMA of the weights rather than the weights (default: the run's ckpt.export_ema)."""
-    state = load_file(source)
+def export(
+    source: str | Path, out: str | Path, ema: bool | None = None, trust: safeload.Trust = UNTRUSTED
+) -> Path:
+    """The model's weights at OUT (`.safetensors`: tensors and nothing else, loading strict
+    into the zoo or torchvision builder) and OUT with .json: what predict needs to rebuild the
+    model and its preprocessing. `ema`: the EMA of the weights rather than the weights
+    (default: the run's ckpt.export_ema)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"export writes safetensors: name the output *.safetensors, not {out}")
+    state = load_file(source, trust)
     cfg = state["config"]
     if ema is None:
         ema = cfg["ckpt"].get("export_ema", False)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(model_state(state, ema), out)
+    safeload.save_tensors(model_state(state, ema), out)
     meta = {
         "model": cfg["model"]["name"],
         "weights": "ema" if ema else "model",
@@ -379,14 +349,27 @@ def export(source: str | Path, out: str | Path, ema: bool | None = None) -> Path
     return out
 
 
-def load_any(path: str | Path) -> dict[str, Any]:
-    """A checkpoint or run dir (load_file), or an export with its .json beside it."""
+def load_any(path: str | Path, trust: safeload.Trust = UNTRUSTED) -> dict[str, Any]:
+    """A checkpoint or run dir (load_file), or an export: its weights (`.safetensors`, or a
+    `.pt` of earlier versions) with the `.json` beside them."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return {**meta, "model": load_file(path)}
-    return load_file(path)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise UserError(f"{str(meta_path)!r} is not JSON: {e}") from None
+        if path.suffix == ".safetensors":
+            return {**meta, "model": safeload.safetensors_file(path)}
+        return {**meta, "model": safeload.torch_file(path, trust, "export")}
+    state = None if path.suffix == ".safetensors" else load_file(path, trust)
+    if not (isinstance(state, dict) and "strategy" in state):
+        raise UserError(
+            f"{str(path)!r} holds weights only, and no {meta_path.name} beside it says which "
+            "model and classes they are for: give a run directory, a checkpoint, or an export "
+            "(python -m distnn.checkpoint export RUN OUT.safetensors writes both)"
+        )
+    return state
 
 
 @cli
@@ -395,14 +378,21 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write a plain state_dict (+ .json) from a checkpoint")
     ex.add_argument("source", help="run directory or checkpoint file")
-    ex.add_argument("out", help="output .pt path")
+    ex.add_argument("out", help="output .safetensors path (the .json goes beside it)")
     ex.add_argument(
         "--weights",
         choices=("model", "ema"),
         help="the weights, or their EMA (default: the run's ckpt.export_ema)",
     )
+    ex.add_argument(
+        "--trust",
+        action="store_true",
+        help="load a checkpoint the safe loader refuses (runs "
+        "any code it names: only for files from people you trust)",
+    )
     args = p.parse_args(argv)
-    out = export(args.source, args.out, None if args.weights is None else args.weights == "ema")
+    weights = None if args.weights is None else args.weights == "ema"
+    out = export(args.source, args.out, weights, safeload.Trust("--trust", args.trust))
     print(f"exported {out} and {out.with_suffix('.json')}")
 
 

@@ -56,6 +56,9 @@ class ModelConfig:
     init_from: str = _f(
         "", "weights to start a new run from: run dir, checkpoint, export, .pt/.pth, .safetensors"
     )
+    init_from_trusted: bool = _f(
+        False, "let init_from unpickle a file the safe loader refuses (runs any code it names)"
+    )
     head: str = _f("", "classifier module name (default: the last layer with num_classes outputs)")
     freeze: list[str] = _f([], "parameter name prefixes that do not train (model.freeze=a,b)")
     channels_last: bool = _f(False, "NHWC memory format (faster convs on CUDA tensor cores)")
@@ -103,6 +106,21 @@ class DataConfig:
     on_error: Literal["skip", "raise"] = _f(
         "skip", "an unreadable sample (any source) is skipped and counted, or stops the run"
     )
+    max_pixels: int = _f(
+        64 * 2**20,
+        "an image with more pixels (width × height, from its header, before decoding) is an "
+        "unreadable sample, any source",
+    )
+    max_shard_bytes: int = _f(
+        512 * 2**20,
+        "shards: the most bytes a worker holds of one shard (a compressed tar's inflated "
+        "members, 2 shards at a time; a plain tar's member); past it, unreadable samples",
+    )
+    timeout_s: float = _f(
+        600.0,
+        "workers: no batch for this long ends the run in one line naming the shard being read "
+        "(0: wait forever)",
+    )
     synthetic_train: int = _f(2048, "synthetic: training samples")
     synthetic_val: int = _f(512, "synthetic: validation samples")
     synthetic_classes: int = _f(10, "synthetic: number of classes")
@@ -119,6 +137,9 @@ class DataConfig:
             ("color_jitter", self.color_jitter, self.color_jitter >= 0, ">= 0"),
             ("random_erasing", self.random_erasing, 0 <= self.random_erasing <= 1,
              "a probability in [0, 1]"),
+            ("max_pixels", self.max_pixels, self.max_pixels >= 1, ">= 1"),
+            ("max_shard_bytes", self.max_shard_bytes, self.max_shard_bytes >= 1, ">= 1"),
+            ("timeout_s", self.timeout_s, self.timeout_s >= 0, ">= 0 (0: no timeout)"),
         )  # fmt: skip
         for key, value, ok, valid in checks:
             if not ok:
@@ -269,11 +290,14 @@ class CkptConfig:
     epoch_end: bool = _f(True, "checkpoint at the end of every epoch")
     keep: int = _f(3, "checkpoints kept (the newest)")
     resume: str = _f("auto", "auto (newest valid in the run dir) | never | PATH")
+    resume_trusted: bool = _f(
+        False, "let resume unpickle a checkpoint the safe loader refuses (runs any code it names)"
+    )
     best_metric: str = _f("val_top1", "eval metric that picks checkpoints/best.pt")
     best_mode: Literal["max", "min"] = _f("max", "whether a larger best_metric is better")
     requeue: bool = _f(True, "on preemption under Slurm, rank 0 runs scontrol requeue")
     export_ema: bool = _f(
-        False, "export (and W&B's model.pt) takes the EMA weights (train.ema_decay > 0)"
+        False, "export (and W&B's model.safetensors) takes the EMA weights (train.ema_decay > 0)"
     )
 
 
@@ -287,7 +311,9 @@ class WandbConfig:
     group: str | None = _f(None, "W&B run group; default: run.name")
     tags: list[str] = _f([], "W&B run tags (tags=a,b on the command line)")
     notes: str = _f("", "W&B run notes")
-    log_checkpoints: bool = _f(False, "upload the final model (<run dir>/model.pt) as an artifact")
+    log_checkpoints: bool = _f(
+        False, "upload the final model (<run dir>/model.safetensors) as an artifact"
+    )
     init_timeout_s: float = _f(30.0, "online: seconds to reach the server, then log offline")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,28 @@ FULL_BYTES = 1 << 20
 
 
 def temp_path(path: Path) -> Path:
-    """The name a file (or directory) is written under until it is complete."""
-    return path.with_name(f".{path.name}.tmp")
+    """A fresh name to write `path` under until it is complete: unique per writer, so two
+    writers of the same file never share one (a shared name tore a checkpoint), and matching
+    `.NAME.*.tmp` (what a crash leaves behind)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
+# Exclusive, and never through a symlink planted at the name: a link there would have its
+# target overwritten with our bytes.
+_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+def create_temp(path: Path, binary: bool = True) -> tuple[Path, IO[Any]]:
+    """A new file under a fresh temporary name beside `path` (temp_path), opened for writing;
+    its mode is the umask's, as a plain open's would be (mkstemp's 0600 would hide checkpoints
+    from the rest of a group)."""
+    while True:
+        tmp = temp_path(path)
+        try:
+            fd = os.open(tmp, _EXCLUSIVE, 0o666)
+        except FileExistsError:  # 48 random bits met another writer's: draw again
+            continue
+        return tmp, os.fdopen(fd, "wb" if binary else "w")
 
 
 @contextlib.contextmanager
@@ -70,9 +91,10 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     """A file to write `path` through: a temporary name in the same directory, fsynced and
     renamed into place once the block ends, so a crash leaves the old file or the new one,
     never a truncated file under the final name; a failed write leaves only the old one."""
-    tmp = temp_path(path)
-    with reporting(path, partial=tmp):
-        with open(tmp, mode) as f:
+    with reporting(path):
+        tmp, f = create_temp(path, binary="b" in mode)
+    with reporting(path, partial=tmp):  # removes the temporary file whatever went wrong
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())

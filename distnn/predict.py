@@ -3,7 +3,9 @@
     python -m distnn.predict --checkpoint runs/NAME IMG [IMG ...] [--topk 3]
 
 `--checkpoint` takes a run directory (its latest checkpoint), a checkpoint file, or an export
-(python -m distnn.checkpoint export: a plain state_dict with a .json beside it).
+(python -m distnn.checkpoint export: model.safetensors with its model.json). The file is data:
+it is read by the safe loader, and the model it names is built only from the zoo, tv: and
+timm:; a model of your own is named again with --model pkg.module:callable.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distnn import checkpoint, config, models
+from distnn import checkpoint, config, models, safeload
 from distnn.data.sources import read_image
 from distnn.data.transforms import EvalTransform
 from distnn.errors import UserError, cli
@@ -27,14 +29,16 @@ class Predictor:
     def __init__(
         self, state: dict[str, Any], device: torch.device, model: torch.nn.Module | None = None
     ) -> None:
-        """`model`: the architecture, for runs whose model was an object handed to
-        distnn.fit; others are rebuilt from the checkpoint's model.name and model.kwargs."""
+        """`model`: the architecture, for models of the user's own (the checkpoint's import
+        path is never imported); others are rebuilt from the checkpoint's model.name (zoo, tv:
+        or timm:) and model.kwargs."""
         cfg = config.from_dict(state["config"])  # checkpoints and exports both carry it
         self.classes: list[str] = list(state["classes"])
         self.size = cfg.data.image_size
         self.device = device
         if model is None:
-            model = models.build(cfg.model.name, len(self.classes), self.size, cfg.model.kwargs)
+            model = models.build_named(cfg.model.name, len(self.classes), self.size,
+                                       cfg.model.kwargs)  # fmt: skip
         self.model = model
         self.model.load_state_dict(checkpoint.model_state(state))
         self.model.to(device).eval()
@@ -56,11 +60,32 @@ class Predictor:
         ]
 
 
+def named_model(name: str | None, state: dict[str, Any]) -> torch.nn.Module | None:
+    """The model the user named with --model; the checkpoint's kwargs go with it only where
+    the user named the checkpoint's own callable."""
+    if name is None:
+        return None
+    saved = state["config"]["model"]
+    kwargs = saved.get("kwargs", {}) if name == saved["name"] else {}
+    return models.build(name, len(state["classes"]), state["config"]["data"]["image_size"], kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distnn.predict", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint file or export")
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--model", metavar="PKG.MODULE:CALLABLE",
+        help="your own model's builder, where the checkpoint was trained with it: distnn never "
+        "imports a name found in a file (the checkpoint's model.kwargs go to it only where it "
+        "is the name the checkpoint holds)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trust", action="store_true",
+        help="load a checkpoint the safe loader refuses (runs any code it names: only for "
+        "files from people you trust)",
+    )  # fmt: skip
     p.add_argument("images", nargs="+", type=Path)
     return p
 
@@ -70,7 +95,8 @@ def main(argv: list[str] | None = None) -> list[list[tuple[str, float]]]:
     args = parser().parse_args(argv)
     if args.topk < 1:
         raise UserError(f"--topk must be >= 1, got {args.topk}")
-    predictor = Predictor(checkpoint.load_any(args.checkpoint), torch.device(args.device))
+    state = checkpoint.load_any(args.checkpoint, safeload.Trust("--trust", args.trust))
+    predictor = Predictor(state, torch.device(args.device), model=named_model(args.model, state))
     results = predictor.top(args.images, args.topk)
     for path, top in zip(args.images, results, strict=True):
         ranked = ", ".join(f"{name} {p:.3f}" for name, p in top)

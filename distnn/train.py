@@ -16,7 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from distnn import checkpoint, config, data, mixing, models, monitor, optim, parallel, preempt
+from distnn import (
+    checkpoint,
+    config,
+    data,
+    mixing,
+    models,
+    monitor,
+    optim,
+    parallel,
+    preempt,
+    runlock,
+)
 from distnn import precision as precision_lib
 from distnn.config import Config
 from distnn.ema import Averaging
@@ -82,6 +93,13 @@ def train(
     # Everything that can be wrong with the input is checked before a process group forms.
     env = parallel.detect()
     cfg = config.for_world(cfg, env.world_size, env.local_world_size)
+    with runlock.hold(cfg.run_dir, enabled=env.is_main):  # one job per run directory
+        return _train(cfg, env, given_model, datasets)
+
+
+def _train(
+    cfg: Config, env: parallel.Env, given_model: models.ModelArg, datasets: tuple[Any, Any] | None
+) -> dict[str, Any]:
     device = dist.use_device(env)
     precision = precision_lib.build(cfg.precision, device)
     configure_kernels(cfg, device)

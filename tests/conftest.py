@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distnn import checkpoint, config
+from distnn import checkpoint, config, safeload
 from distnn.monitor import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -402,14 +402,16 @@ def write_imagefolder(
     return written
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The model state of a run's newest checkpoint (consolidated where ZeRO split it)."""
-    return checkpoint.model_state(checkpoint.load_file(run_dir))
+def final_weights(run_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model state of a run's newest checkpoint (consolidated where ZeRO split it; the
+    test's own runs, so DeepSpeed's pickled shards too), or the EMA of its weights."""
+    state = checkpoint.load_file(run_dir, safeload.Trust("", own=run_dir))
+    return checkpoint.model_state(state, ema=ema)
 
 
 def final_ema(run_dir: Path) -> dict[str, torch.Tensor]:
     """The EMA of the weights in a run's newest checkpoint (merged where sharded)."""
-    return checkpoint.model_state(checkpoint.load_file(run_dir), ema=True)
+    return final_weights(run_dir, ema=True)
 
 
 def last_eval(run_dir: Path) -> dict[str, float]:

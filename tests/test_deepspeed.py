@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from distnn import models
+from distnn.checkpoint import main as checkpoint_main
 from distnn.errors import UserError
 from distnn.monitor import read_metrics
 from distnn.parallel import deepspeed_config
@@ -268,18 +270,21 @@ def test_zero3_crash_resume_matches_uninterrupted_then_exports(root, zero3, tmp_
     assert not list(checkpoints.glob(".*"))  # no temporary directory left behind
     assert_same_params(final_weights(run_dir), final_weights(whole), rtol=1e-6)
 
-    out = tmp_path / "model.pt"
-    e = run_cli("-m", "distnn.checkpoint", "export", str(run_dir), str(out))
+    # DeepSpeed's files are pickles that only an unpickler which runs code reads: from outside
+    # the run (export, predict) they need the user's --trust; the run itself resumed above.
+    out = tmp_path / "model.safetensors"
+    refused = one_line_error(checkpoint_main, ["export", str(run_dir), str(out)], capfd)
+    assert "a DeepSpeed checkpoint directory" in refused and "--trust" in refused, refused
+    e = run_cli("-m", "distnn.checkpoint", "export", str(run_dir), str(out), "--trust")
     assert e.returncode == 0, e.stderr
-    plain = torch.load(out, weights_only=True)
     model = models.build("tutorial_cnn", 10, 32)
-    model.load_state_dict(plain, strict=True)
+    model.load_state_dict(load_file(out), strict=True)
     from PIL import Image
 
     img = tmp_path / "x.png"
     Image.new("RGB", (32, 32), (120, 30, 200)).save(img)
     assert predict(["--checkpoint", str(out), str(img)]) == predict(
-        ["--checkpoint", str(run_dir), str(img)]
+        ["--checkpoint", str(run_dir), "--trust", str(img)]
     )
     # ZeRO shards belong to the world size that wrote them: one process cannot continue.
     argv = [f"run.dir={root}", "run.name=zero3_crash", *COMMON, *ZERO3, "train.max_steps=12"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from distnn import checkpoint, models
 from distnn.errors import UserError
@@ -22,7 +23,7 @@ from distnn.monitor import read_metrics
 from distnn.predict import main as predict
 from distnn.preempt import PREEMPTED_EXIT_CODE, requeue_command
 from distnn.train import train
-from tests.conftest import FAST, ROOT, run_cli, shared_run
+from tests.conftest import FAST, ROOT, final_weights, run_cli, shared_run
 
 # alexnet_cifar has dropout: exact continuation needs every rank's RNG state restored. The
 # full recipe is on (RandAugment, random erasing, MixUp/CutMix, an EMA of the weights): each
@@ -55,8 +56,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6), step
     for ema in (False, True):
-        a = checkpoint.model_state(checkpoint.load_file(run_dir), ema)
-        b = checkpoint.model_state(checkpoint.load_file(reference), ema)
+        a, b = final_weights(run_dir, ema), final_weights(reference, ema)
         assert a.keys() == b.keys()
         for k in b:
             torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=f"{k} (ema {ema})")
@@ -234,13 +234,14 @@ def test_export_loads_strict_and_predicts(make_cfg, tmp_path):
     cfg = make_cfg("run.name=exp", *SHORT, "model.name=resnet18", "data.image_size=32",
                    "train.batch_size=8", "data.synthetic_val=16")  # fmt: skip
     train(cfg)
-    r = run_cli("-m", "distnn.checkpoint", "export", str(cfg.run_dir), str(tmp_path / "m.pt"))
+    out = tmp_path / "m.safetensors"
+    r = run_cli("-m", "distnn.checkpoint", "export", str(cfg.run_dir), str(out))
     assert r.returncode == 0, r.stderr
-    plain = torch.load(tmp_path / "m.pt", weights_only=True)  # tensors only: safe to load
+    plain = load_file(out)  # tensors and nothing else
     model = models.build("resnet18", 10, 32)
     model.load_state_dict(plain, strict=True)
     img = tmp_path / "x.png"
     Image.new("RGB", (32, 32), (120, 30, 200)).save(img)
-    by_export = predict(["--checkpoint", str(tmp_path / "m.pt"), str(img)])
+    by_export = predict(["--checkpoint", str(out), str(img)])
     by_run = predict(["--checkpoint", str(cfg.run_dir), str(img)])
     assert by_export == by_run

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from distnn import checkpoint, config, models
 from distnn.data import digits
@@ -31,7 +32,7 @@ def pretrained(tmp_path_factory):
     cfg = config.load(None, [*FAST, *DIGITS, f"run.dir={root}", "run.name=pre",
                              f"data.root={root / 'digits'}", "train.epochs=3"])  # fmt: skip
     train(cfg)
-    return checkpoint.export(cfg.run_dir, root / "pre.pt"), root / "five", root
+    return checkpoint.export(cfg.run_dir, root / "pre.safetensors"), root / "five", root
 
 
 def five(pretrained, *extra: str) -> config.Config:
@@ -59,7 +60,7 @@ def test_every_tensor_but_the_head_starts_as_the_export(pretrained):
     torch.manual_seed(cfg.train.seed)
     model, head, _ = models.prepare(cfg, 5, torch.device("cpu"))
     assert head == "classifier.3"
-    saved = torch.load(export, weights_only=True)
+    saved = load_file(export)
     start = model.state_dict()
     for key, tensor in start.items():
         if key in HEAD:
@@ -77,7 +78,8 @@ def test_every_weights_format_loads_the_same(pretrained, tmp_path):
     from safetensors.torch import save_file
 
     export, _, root = pretrained
-    plain = torch.load(export, weights_only=True)
+    plain = load_file(export)
+    torch.save(plain, tmp_path / "pre.pt")  # a .pt export, as earlier versions wrote
     wrapped = tmp_path / "ddp.pth"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in plain.items()}}, wrapped)
     save_file(plain, tmp_path / "w.safetensors")
@@ -87,8 +89,8 @@ def test_every_weights_format_loads_the_same(pretrained, tmp_path):
     torch.save({"state_dict": plain, "args": argparse.Namespace(lr=0.1), "epoch": 3}, timm_style)
     nested = tmp_path / "nested.pt"
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in plain.items()}}, nested)
-    sources = [export, wrapped, tmp_path / "w.safetensors", root / "pre", step_file, timm_style,
-               nested]  # fmt: skip
+    sources = [export, tmp_path / "pre.pt", wrapped, tmp_path / "w.safetensors", root / "pre",
+               step_file, timm_style, nested]  # fmt: skip
     for source in sources:
         torch.manual_seed(0)
         model, _, _ = models.prepare(five(pretrained, f"model.init_from={source}"), 5,
@@ -126,7 +128,7 @@ def test_freeze_and_head_learning_rate(pretrained):
     assert sum(len(g["params"]) for g in groups[2:]) == 2  # classifier.3's weight and bias
     train(cfg)
     after = checkpoint.model_state(checkpoint.load_file(cfg.run_dir))
-    saved = torch.load(export, weights_only=True)
+    saved = load_file(export)
     assert all(torch.equal(after[k], saved[k]) for k in after if k.startswith("features."))
     assert not torch.equal(after["classifier.1.weight"], saved["classifier.1.weight"])
     with pytest.raises(UserError, match=r"model\.freeze='backbone' matches no parameter"):
@@ -140,7 +142,7 @@ def test_freeze_and_head_learning_rate(pretrained):
 
 def test_resume_takes_the_run_s_checkpoint_not_init_from(pretrained, tmp_path, capsys):
     export = pretrained[0]
-    copy = tmp_path / "copy.pt"
+    copy = tmp_path / "copy.safetensors"
     shutil.copy(export, copy)
     shutil.copy(export.with_suffix(".json"), copy.with_suffix(".json"))
     cfg = five(pretrained, "run.name=resumed", f"model.init_from={copy}", "train.max_steps=4",

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from distnn import checkpoint, config, data, models
 from distnn.monitor import read_metrics
@@ -123,12 +124,13 @@ def test_fsdp_checkpoint_exports_predicts_initialises_and_resumes_on_one_rank(tm
     shards = sorted(p.stat().st_size for p in step6.glob("*.distcp"))
     assert len(shards) == 2 and shards[0] > 0.4 * sum(shards), shards  # no gather to rank 0
     assert (step6 / ".metadata").is_file() and (step6 / "state.pt").is_file()
-    r = run_cli("-m", "distnn.checkpoint", "export", str(run_dir), str(tmp_path / "m.pt"))
+    # DCP's shards and .metadata read safely: no --trust needed from outside the run.
+    r = run_cli("-m", "distnn.checkpoint", "export", str(run_dir), str(tmp_path / "m.safetensors"))
     assert r.returncode == 0, r.stderr
-    checkpoint.main(["export", "--weights", "ema", str(run_dir), str(tmp_path / "ema.pt")])
-    ema = torch.load(tmp_path / "ema.pt", weights_only=True)
+    checkpoint.main(["export", "--weights", "ema", str(run_dir), str(tmp_path / "ema.safetensors")])
+    ema = load_file(tmp_path / "ema.safetensors")
     model = models.build("tutorial_cnn", 10, 32)
-    model.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), strict=True)
+    model.load_state_dict(load_file(tmp_path / "m.safetensors"), strict=True)
     from PIL import Image
 
     Image.new("RGB", (32, 32), (20, 200, 90)).save(tmp_path / "x.png")

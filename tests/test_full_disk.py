@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distnn import checkpoint, config, fsio
+from distnn import checkpoint, config, fsio, safeload
 from distnn.data import manifest
 from distnn.data.shard import shard
 from distnn.errors import UserError
@@ -136,7 +136,7 @@ def test_full_disk_in_a_directory_checkpoint_keeps_the_last_one(disk):
     assert str(e.value) == f"cannot write {disk}/checkpoints/step_00000002: {FULL}"
     assert leftovers(disk) == []
     assert (disk / "checkpoints" / "latest").read_text() == "step_00000001\n"
-    assert checkpoint.load_file(disk)["step"] == 1
+    assert checkpoint.load_file(disk, safeload.Trust("", own=disk))["step"] == 1
 
 
 def test_full_disk_while_sharding_drops_the_partial_shard(disk, tmp_path):

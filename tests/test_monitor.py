@@ -119,12 +119,13 @@ def test_offline_wandb_run_record_summary_images_and_model(trained):
     image = Image.open(path / "files" / grids[0]["path"])
     assert image.size == (6 * 34 + 2, 6 * 34 + 2)  # 32 images of 32 px, 6 per row, 2 px gaps
     # log_checkpoints: the exported model (what predict reads) is the artifact's file.
-    exported = checkpoint.load_any(cfg.run_dir / "model.pt")
+    exported = checkpoint.load_any(cfg.run_dir / "model.safetensors")
     assert len(exported["classes"]) == 10 and exported["config"]["run"]["name"] == "watched"
     assert set(exported["model"]) == set(checkpoint.model_state(checkpoint.load_file(cfg.run_dir)))
     artifacts = [r for r in wandb_reader.records(path) if r.WhichOneof("record_type") == "artifact"]
     assert len(artifacts) == 1 and artifacts[0].artifact.type == "model"
-    assert {e.path for e in artifacts[0].artifact.manifest.contents} == {"model.pt", "model.json"}
+    files = {e.path for e in artifacts[0].artifact.manifest.contents}
+    assert files == {"model.safetensors", "model.json"}
 
 
 def test_tensorboard_scalars_match_metrics_jsonl(trained):
@@ -296,7 +297,7 @@ def test_only_rank_0_writes_in_a_two_process_run(tmp_path):
     assert len(list((run_dir / "tb").iterdir())) == 1  # one event file
     # Nothing else anywhere: no second run, no ./wandb or ./runs from a rank that guessed.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "runs"]
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".ddp.lock", "ddp"]
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     rows = [r for r in wandb_reader.history(offline) if "loss" in r]
     assert [r["_step"] for r in rows] == [2, 4]

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from distnn import checkpoint, config, mixing
@@ -139,18 +140,19 @@ def test_best_checkpoint_follows_the_ema_metric_and_the_ema_export_predicts(make
     assert best_state["position"]["step"] == best["step"]
     assert best_state["best_value"] == best["val_top1_ema"]
 
-    out = checkpoint.export(cfg.run_dir, tmp_path / "model.pt")
+    out = checkpoint.export(cfg.run_dir, tmp_path / "model.safetensors")
     assert json.loads(out.with_suffix(".json").read_text())["weights"] == "ema"
-    exported = torch.load(out)
+    exported = load_file(out)
     ema = checkpoint.load_file(cfg.run_dir)["strategy"]["ema"]
     plain = checkpoint.model_state(checkpoint.load_file(cfg.run_dir))
     assert exported.keys() == plain.keys()
     for k in plain:
         torch.testing.assert_close(exported[k], ema[k], rtol=0, atol=0)
     assert any(not torch.equal(exported[k], plain[k]) for k in plain)
-    assert checkpoint.export(cfg.run_dir, tmp_path / "w.pt", ema=False)
+    assert checkpoint.export(cfg.run_dir, tmp_path / "w.safetensors", ema=False)
     last = list(plain)[-1]
-    torch.testing.assert_close(torch.load(tmp_path / "w.pt")[last], plain[last], rtol=0, atol=0)
+    weights = load_file(tmp_path / "w.safetensors")
+    torch.testing.assert_close(weights[last], plain[last], rtol=0, atol=0)
 
     images = tmp_path / "images"
     images.mkdir()

@@ -16,7 +16,7 @@ import torch
 
 from distnn import checkpoint, data
 from distnn.data import shard as sharder
-from distnn.data.pipeline import scan_shard, stream_shard
+from distnn.data.tars import scan_shard, stream_shard
 from distnn.parallel.env import Env
 from tests.conftest import write_cifar
 

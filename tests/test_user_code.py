@@ -154,7 +154,8 @@ def test_sigkill_mid_epoch_then_resume_follows_the_same_curve(package, tmp_path,
 @pytest.mark.timeout(180)
 def test_export_then_predict_classifies_with_the_user_model(package, tmp_path, two_ranks):
     run_dir = two_ranks[0]
-    r = cli(package, "-m", "distnn.checkpoint", "export", str(run_dir), str(tmp_path / "m.pt"))
+    out = tmp_path / "m.safetensors"
+    r = cli(package, "-m", "distnn.checkpoint", "export", str(run_dir), str(out))
     assert r.returncode == 0, r.stderr
     sys.path.insert(0, package["PYTHONPATH"].split(os.pathsep)[1])
     try:
@@ -170,7 +171,12 @@ def test_export_then_predict_classifies_with_the_user_model(package, tmp_path, t
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         paths.append(str(path))
-    r = cli(package, "-m", "distnn.predict", "--checkpoint", str(tmp_path / "m.pt"), *paths)
+    # The import path the export names is never imported: the user names it again, and the
+    # export's model.kwargs (width=8) go to it because it is the same callable.
+    r = cli(package, "-m", "distnn.predict", "--checkpoint", str(out), *paths)
+    assert r.returncode == 2 and "never imports" in r.stderr, r.stderr
+    r = cli(package, "-m", "distnn.predict", "--checkpoint", str(out), "--model",
+            "userpkg.nets:SmallNet", *paths)  # fmt: skip
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 24

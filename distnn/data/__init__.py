@@ -23,8 +23,10 @@ class BatchReader(torch.utils.data.Dataset):
     per sample, and the result is already one uint8 tensor. Unreadable samples are left out
     and reported, as ShardReader does, for `data.on_error` to decide about."""
 
-    def __init__(self, split: sources.Split, transform: TrainTransform | EvalTransform) -> None:
-        self.split, self.transform = split, transform
+    def __init__(
+        self, split: sources.Split, transform: TrainTransform | EvalTransform, source: str
+    ) -> None:
+        self.split, self.transform, self.source = split, transform, source
 
     def __len__(self) -> int:
         return len(self.split)
@@ -43,6 +45,11 @@ class BatchReader(torch.utils.data.Dataset):
         epoch = keys[0][1] if keys else 0  # the samplers give a batch's keys one epoch
         x = self.transform.batch(images, indices, epoch)
         return x, torch.tensor(labels, dtype=torch.int64), problems
+
+    def where(self, keys: list[Key]) -> str:
+        """What a batch reads, for a line about the batch as a whole."""
+        shown = ", ".join(str(i) for i, _ in keys[:4]) + (", …" if len(keys) > 4 else "")
+        return f"data.source={self.source} (samples {shown})"
 
 
 @dataclass
@@ -73,8 +80,10 @@ def _loader(
     errors: DataErrors,
     train: bool,
 ) -> PolicyLoader:
-    """The DataLoader over a reader's whole batches, under `data.on_error` (every source)."""
+    """The DataLoader over a reader's whole batches, under `data.on_error` and, with workers,
+    `data.timeout_s` (every source)."""
     workers = cfg.data.workers
+    timeout = cfg.data.timeout_s if workers > 0 else 0  # torch's timeout needs workers
     loader = DataLoader(
         reader,
         sampler=order,
@@ -86,13 +95,16 @@ def _loader(
         # Its own generator: a new iterator draws a worker seed, and drawing it from the global
         # RNG would shift dropout masks after a resume. Augmentation is seeded per sample.
         generator=torch.Generator().manual_seed(cfg.train.seed),
+        timeout=timeout,
     )
-    return PolicyLoader(loader, errors, cfg.data.on_error, train)
+    return PolicyLoader(loader, errors, cfg.data.on_error, train, timeout)
 
 
 def _dataset(cfg: Config, datasets: tuple[Any, Any] | None) -> sources.Dataset:
     if datasets is not None:
-        return custom.from_datasets(*datasets, cfg.model.num_classes, custom.PYTHON)
+        return custom.from_datasets(
+            *datasets, cfg.model.num_classes, custom.PYTHON, cfg.data.max_pixels
+        )
     if cfg.data.source in sources.SOURCES:
         return sources.load(cfg.data)
     return custom.load(cfg.data, cfg.model.num_classes)
@@ -123,8 +135,8 @@ def build(
         )
     augment = Augment.from_config(cfg.data, ds.mean)
     train = TrainTransform(size, cfg.train.seed, cfg.data.hflip, augment)
-    train_reader = BatchReader(ds.train, train)
-    val_reader = BatchReader(ds.val, EvalTransform(size))
+    train_reader = BatchReader(ds.train, train, ds.name)
+    val_reader = BatchReader(ds.val, EvalTransform(size), ds.name)
     val_order = EvalBatches(len(ds.val), cfg.train.batch_size, env.world_size, env.rank)
     errors = DataErrors()
     return Loaders(

@@ -18,7 +18,7 @@ from PIL import Image
 from distnn import imports
 from distnn.config import DataConfig
 from distnn.data.errors import SampleError
-from distnn.data.sources import IMAGENET_MEAN, IMAGENET_STD, Dataset
+from distnn.data.sources import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, Dataset, check_pixels
 from distnn.errors import UserError, reason
 
 KEY = "data.source"
@@ -26,9 +26,11 @@ KEY = "data.source"
 PYTHON = "python"
 
 
-def to_chw(image: Any) -> torch.Tensor:
-    """An image as a uint8 RGB tensor, 3 × H × W; anything else raises SampleError."""
+def to_chw(image: Any, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """An image as a uint8 RGB tensor, 3 × H × W; anything else raises SampleError, as does a
+    PIL image of more than `max_pixels` pixels (checked before a lazily opened one decodes)."""
     if isinstance(image, Image.Image):
+        check_pixels(image.size, max_pixels)
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
@@ -52,8 +54,8 @@ def to_chw(image: Any) -> torch.Tensor:
 class DatasetSplit:
     """A user's map-style dataset as a Split: one `dataset[i]` per sample read."""
 
-    def __init__(self, dataset: Any, num_classes: int) -> None:
-        self.dataset, self.num_classes = dataset, num_classes
+    def __init__(self, dataset: Any, num_classes: int, max_pixels: int = MAX_PIXELS) -> None:
+        self.dataset, self.num_classes, self.max_pixels = dataset, num_classes, max_pixels
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -68,7 +70,7 @@ class DatasetSplit:
         k = self.num_classes
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < k:
             raise SampleError(f"label {label!r} is not a class index in 0..{k - 1}")
-        return to_chw(image), label
+        return to_chw(image, self.max_pixels), label
 
     def image(self, i: int) -> torch.Tensor:
         return self.sample(i)[0]
@@ -119,13 +121,15 @@ def stats(train: Any, name: str) -> tuple[float, float, float]:
     return tuple(v * 255 if max(values) <= 1 else v for v in values)
 
 
-def from_datasets(train: Any, val: Any, num_classes: int | None, source: str) -> Dataset:
+def from_datasets(
+    train: Any, val: Any, num_classes: int | None, source: str, max_pixels: int = MAX_PIXELS
+) -> Dataset:
     """Check two map-style datasets (their first samples are read here, in the main process,
     so a systematic problem is one line before any process group forms)."""
     where = f"{KEY}={source}"
     check_map_style({"train": train, "val": val}, where)
     names = classes(train, num_classes, where, "model.num_classes")
-    splits = [DatasetSplit(ds, len(names)) for ds in (train, val)]
+    splits = [DatasetSplit(ds, len(names), max_pixels) for ds in (train, val)]
     for split, s in zip(("train", "val"), splits, strict=True):
         try:
             s.sample(0)
@@ -157,4 +161,6 @@ def load(cfg: DataConfig, num_classes: int | None) -> Dataset:
             f"{KEY}={PYTHON} means datasets handed to distnn.fit(train_data=, val_data=); "
             "here name a built-in source or pkg.module:callable"
         )
-    return from_datasets(open_split(cfg, "train"), open_split(cfg, "val"), num_classes, cfg.source)
+    return from_datasets(
+        open_split(cfg, "train"), open_split(cfg, "val"), num_classes, cfg.source, cfg.max_pixels
+    )

@@ -1,9 +1,12 @@
 """`data.on_error` for every source: readers leave unreadable samples out of their batch and
-report them; `PolicyLoader` skips and counts them or stops the run, in the main process."""
+report them; `PolicyLoader` skips and counts them or stops the run, in the main process. It also
+turns a stuck worker (`data.timeout_s`) into one line naming what the late batch reads."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -45,7 +48,9 @@ class DataErrors:
 class PolicyLoader:
     """A DataLoader over a reader that yields `Batch`es, plus the error policy, applied in the
     main process so a `raise` is one clean line, not a worker traceback. Yields (uint8 images,
-    labels) like a plain DataLoader."""
+    labels) like a plain DataLoader. `timeout_s`: the DataLoader's own `timeout` (workers only),
+    whose RuntimeError becomes a UserError naming what the late batch reads (its dataset's
+    `where(batch)`, the batch as its sampler yields it)."""
 
     def __init__(
         self,
@@ -53,8 +58,10 @@ class PolicyLoader:
         errors: DataErrors,
         on_error: Literal["skip", "raise"],
         train: bool,
+        timeout_s: float = 0,
     ) -> None:
         self.loader, self.errors, self.on_error, self.train = loader, errors, on_error, train
+        self.timeout_s = timeout_s
 
     @property
     def num_workers(self) -> int:
@@ -65,7 +72,7 @@ class PolicyLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         last = None
-        for x, y, problems in self.loader:
+        for x, y, problems in self._batches():
             if problems:
                 if self.on_error == "raise":
                     raise UserError(f"{problems[0]} (data.on_error=skip skips such samples)")
@@ -78,3 +85,24 @@ class PolicyLoader:
                 x, y = last  # repeat the last good batch: every rank keeps the same step count
             last = (x, y)
             yield x, y
+
+    def _batches(self) -> Iterator[Batch]:
+        """The loader's batches; its timeout as one line naming the late batch's reads."""
+        batches = iter(self.loader)
+        for k in itertools.count():
+            waiting = time.monotonic()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError:  # torch's timeout; a dead worker's error comes at once
+                if not self.timeout_s or time.monotonic() - waiting < self.timeout_s:
+                    raise
+                # The DataLoader yields batches in the sampler's order: the late one is the k-th.
+                late = next(itertools.islice(iter(self.loader.sampler), k, None))
+                raise UserError(
+                    f"no batch from the data loader's workers for {self.timeout_s:g} s "
+                    f"(data.timeout_s): a worker is stuck reading "
+                    f"{self.loader.dataset.where(late)}"
+                ) from None
+            yield batch

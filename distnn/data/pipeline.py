@@ -3,9 +3,9 @@
 The sampler (order.ShardOrder, in the main process) names each batch's samples as (shard,
 member, global index); a worker reads them by byte offset — from the shard's sidecar index when
 there is one, else from the tar's own headers, scanned once per worker without reading the data
-(a compressed tar, which has no offsets to seek to, is parsed whole by webdataset) — decodes
-them with PIL, augments them (the transform's batched path, seeded per sample, as for the other
-sources) and collates the batch.
+(a compressed tar, which has no offsets to seek to, is inflated once per worker and held, up to
+data.max_shard_bytes) — decodes them with PIL (up to data.max_pixels), augments them (the
+transform's batched path, seeded per sample, as for the other sources) and collates the batch.
 A global batch is a run of the stream (order.py): a worker touches one or two shards a batch.
 Unreadable samples are reported back and handled in the main process by `data.on_error`
 (errors.PolicyLoader).
@@ -13,23 +13,22 @@ Unreadable samples are reported back and handled in the main process by `data.on
 
 from __future__ import annotations
 
-import io
 import os
-import re
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from distnn.config import DataConfig
 from distnn.data import manifest as mf
 from distnn.data.augment import Augment
 from distnn.data.errors import Batch, DataErrors, SampleError
 from distnn.data.order import ShardOrder, Spec
+from distnn.data.sources import MAX_PIXELS, open_image
+from distnn.data.tars import scan_shard, stream_shard
 from distnn.data.transforms import EvalTransform, TrainTransform
 from distnn.errors import UserError, reason
 
@@ -49,146 +48,18 @@ def _lru(cache: OrderedDict, key: Any, make: Any, keep: int) -> Any:
     return value
 
 
-def stream_shard(path: Path) -> tuple[list[dict], str | None]:
-    """All samples of a tar via webdataset's tar iterator, and why it stopped early if it did
-    (a damaged tar loses its members from the damage on; earlier ones stay usable)."""
-    from webdataset import tariterators
-
-    samples: list[dict] = []
-    try:
-        with open(path, "rb") as f:
-            files = tariterators.tar_file_expander([{"url": str(path), "stream": f}])
-            samples.extend(tariterators.group_by_keys(files))
-    except Exception as e:  # tarfile raises ReadError, EOFError, OSError... for damage
-        return samples, f"tar unreadable after {len(samples)} samples ({type(e).__name__}: {e})"
-    return samples, None
-
-
-# webdataset's names: `__key__`-style names (at the top, or as a folder) are metadata, not samples.
-_META = re.compile(r"__[^/]*__($|/)")
-_BLOCK = 512
-_ZEROS = bytes(_BLOCK)
-_NEXT = (b"x", b"g", b"L", b"K")  # PAX and GNU headers about the next file (g: about all)
-
-
-def _number(field: bytes) -> int:
-    """A tar header's numeric field: octal text, or base-256 where the high bit is set."""
-    if field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip()
-    return int(digits, 8) if digits else 0
-
-
-def _checksum_ok(block: bytes) -> bool:
-    """The header's sum with the checksum field as spaces, bytes unsigned or (old tars) signed."""
-    try:
-        want = _number(block[148:156])
-    except ValueError:
-        return False
-    unsigned = 256 + sum(block) - sum(block[148:156])
-    if want == unsigned:
-        return True
-    rest = block[:148] + block[156:]
-    return want == unsigned - 256 * sum(b > 127 for b in rest)
-
-
-def _pax(data: bytes) -> dict[str, str]:
-    """A PAX extended header's records (`LEN key=value\n` each)."""
-    records, pos = {}, 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        end = pos + int(data[pos:space])
-        key, _, value = data[space + 1 : end - 1].partition(b"=")
-        records[key.decode()] = value.decode("utf-8", "surrogateescape")
-        pos = end
-    return records
-
-
-class _NotATar(Exception):
-    pass
-
-
-def _tar_files(fd: int, end: int) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular file of a plain tar, from its headers alone —
-    one 512-byte read per file, the data skipped — as tarfile reads them: ustar, GNU long names,
-    PAX. Raises _NotATar where the first header is none, ValueError where a file's data is cut
-    off; ends at the end-of-archive block, the end of the file, or a bad header (as tarfile)."""
-    offset, long_name, pax = 0, None, {}
-    while True:
-        block = os.pread(fd, _BLOCK, offset)
-        if block == _ZEROS:
-            return
-        if len(block) < _BLOCK or not _checksum_ok(block):
-            if offset == 0:
-                raise _NotATar
-            return
-        kind, data = block[156:157], offset + _BLOCK
-        size = int(pax["size"]) if "size" in pax and kind not in _NEXT else None
-        size = _number(block[124:136]) if size is None else size
-        offset = data + -(-size // _BLOCK) * _BLOCK
-        if offset > end:
-            raise ValueError("truncated")
-        if kind == b"x":  # PAX records for the next file
-            pax = _pax(os.pread(fd, size, data))
-        elif kind == b"L":  # a GNU long name for the next file
-            long_name = _text(os.pread(fd, size, data))
-        if kind in _NEXT:
-            continue
-        name = _text(block[:100])
-        if block[257:265] == b"ustar\x0000" and block[345] != 0:
-            name = f"{_text(block[345:500])}/{name}"
-        name = pax.get("path", long_name or name)
-        long_name, pax = None, {}
-        if kind in (b"0", b"7") or (kind == b"\0" and not name.endswith("/")):
-            yield name, data, size
-
-
-def _text(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def scan_shard(path: Path) -> tuple[list[dict], str | None] | None:
-    """Each sample's files as webdataset groups them (`__key__`, then extension → (byte offset,
-    size)) from a plain tar's headers, and why the scan stopped early if it did (from the damage
-    on, members are lost, as when webdataset streams the tar). None where the tar has no header
-    to start from (compressed, or damaged there): stream it instead."""
-    from webdataset.tariterators import base_plus_ext
-
-    samples: list[dict] = []
-    current: dict | None = None
-    with open(path, "rb") as f:
-        try:
-            for name, data, size in _tar_files(f.fileno(), os.fstat(f.fileno()).st_size):
-                key, ext = base_plus_ext(name)
-                if _META.match(name) or key is None:
-                    continue
-                ext = ext.lower()
-                if current is None or key != current["__key__"]:
-                    if current is not None:
-                        samples.append(current)
-                    current = {"__key__": key}
-                if ext in current:
-                    raise ValueError(f"{name} twice")
-                current[ext] = (data, size)
-        except _NotATar:
-            return None
-        except ValueError as e:  # damage; a bad number or PAX record too
-            return samples, f"tar unreadable after {len(samples)} samples ({e})"
-    if current is not None:
-        samples.append(current)
-    return samples, None
-
-
-def _pread(f: Any, offset: int, length: int) -> bytes:
+def _pread(f: Any, offset: int, length: int, max_bytes: int) -> bytes:
+    if length > max_bytes:
+        raise SampleError(f"a member of {length:,} bytes, over data.max_shard_bytes={max_bytes:,}")
     data = os.pread(f.fileno(), length, offset)
     if len(data) != length:
         raise SampleError(f"truncated: {len(data)} of {length} bytes")
     return data
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded image → H × W × 3 uint8, the pixels sources.decode gives."""
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data, max_pixels) as img:
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
@@ -197,8 +68,11 @@ class ShardReader(Dataset):
     labels, and the problems met (unreadable samples are left out of the batch)."""
 
     def __init__(self, root: Path, shards: list[mf.Shard], classes: int,
-                 transform: TrainTransform | EvalTransform) -> None:  # fmt: skip
+                 transform: TrainTransform | EvalTransform, max_pixels: int = MAX_PIXELS,
+                 max_shard_bytes: int = DataConfig.max_shard_bytes) -> None:  # fmt: skip
         self.root, self.shards, self.classes, self.transform = root, shards, classes, transform
+        # data.max_pixels and data.max_shard_bytes travel to the workers with the reader.
+        self.max_pixels, self.max_bytes = max_pixels, max_shard_bytes
         self._open()
 
     def _open(self) -> None:
@@ -232,15 +106,17 @@ class ShardReader(Dataset):
             f = self._file(s, path)
             index = _lru(self._indexes, s, lambda: self._index(shard, f), keep=4)
             _key, _ext, offset, length, label = index[m]
-            data = _pread(f, offset, length)
+            data = _pread(f, offset, length, self.max_bytes)
         elif (scan := _lru(self._scans, s, lambda: scan_shard(path), keep=4)) is not None:
             # Another tool's plain tar: its headers, scanned once, give the offsets.
             sample, ext = self._member(*scan, m)
             f = self._file(s, path)
-            data, label = _pread(f, *sample[ext]), int(_pread(f, *sample["cls"]))
+            data = _pread(f, *sample[ext], self.max_bytes)
+            label = int(_pread(f, *sample["cls"], self.max_bytes))
         else:
-            # A compressed tar: webdataset parses it into memory (up to 2 per worker).
-            sample, ext = self._member(*_lru(self._streams, s, lambda: stream_shard(path), 2), m)
+            # A compressed tar: inflated into memory (up to 2 per worker, each up to max_bytes).
+            streamed = _lru(self._streams, s, lambda: stream_shard(path, self.max_bytes), keep=2)
+            sample, ext = self._member(*streamed, m)
             data, label = sample[ext], int(sample["cls"])
         if not 0 <= label < self.classes:
             raise SampleError(f"label {label} outside the {self.classes} classes")
@@ -270,7 +146,7 @@ class ShardReader(Dataset):
         for s, m, g in items.tolist():
             try:
                 data, label = self.sample(s, m)
-                images.append(decode_rgb(data))
+                images.append(decode_rgb(data, self.max_pixels))
             except Exception as e:  # PIL alone raises OSError, SyntaxError, ValueError, zlib.error
                 problems.append(f"shard {self.shards[s].file} member {m}: {reason(e)}")
                 continue
@@ -278,6 +154,11 @@ class ShardReader(Dataset):
             indices.append(g)
         x = self.transform.batch(images, indices, epoch)
         return x, torch.tensor(labels, dtype=torch.int64), problems
+
+    def where(self, spec: Spec) -> str:
+        """The shards a batch reads, for a line about the batch as a whole."""
+        files = dict.fromkeys(self.shards[s].file for s in spec[1][:, 0].tolist())
+        return f"shard{'s' if len(files) > 1 else ''} {', '.join(files)}"
 
 
 def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
@@ -303,10 +184,11 @@ def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
     )  # fmt: skip
     size, n_classes, errors = d.image_size, len(m.classes), DataErrors()
     augment = Augment.from_config(d, m.mean)
+    limits = (d.max_pixels, d.max_shard_bytes)
     train_reader = ShardReader(
-        m.root, train_shards, n_classes, TrainTransform(size, t.seed, d.hflip, augment)
+        m.root, train_shards, n_classes, TrainTransform(size, t.seed, d.hflip, augment), *limits
     )
-    val_reader = ShardReader(m.root, val_shards, n_classes, EvalTransform(size))
+    val_reader = ShardReader(m.root, val_shards, n_classes, EvalTransform(size), *limits)
     return Loaders(
         train=_loader(train_reader, order, cfg, pin_memory, errors, train=True),
         val=_loader(val_reader, val_order, cfg, pin_memory, errors, train=False),

@@ -283,7 +283,7 @@ def shard(kind: str, src: Path | str, out: Path, max_count: int = 5000,
         options |= {"root": str(src), "kwargs": kwargs or {}}
     print_ = fingerprint(options, classes, splits)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tar.tmp"):
+    for stale in out.glob(".*.tar*.tmp"):
         stale.unlink()  # a crashed run's unfinished shard
     previous = _previous(out, print_)
     doc = {

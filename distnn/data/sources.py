@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-import pickle
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +13,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from distnn import safeload
 from distnn.config import DataConfig
+from distnn.data.errors import SampleError
 from distnn.errors import UserError, reason
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")
+# data.max_pixels where no config is at hand (python -m distnn.predict, the sharder).
+MAX_PIXELS: int = DataConfig.max_pixels
 
 
 class Split(Protocol):
@@ -57,12 +61,13 @@ class FileSplit:
 
     paths: list[Path]
     labels: list[int]
+    max_pixels: int = MAX_PIXELS
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def image(self, i: int) -> torch.Tensor:
-        return read_image(self.paths[i])
+        return read_image(self.paths[i], self.max_pixels)
 
     def label(self, i: int) -> int:
         return self.labels[i]
@@ -82,24 +87,56 @@ class Dataset:
     std: tuple[float, float, float]
 
 
-def decode(data: bytes) -> torch.Tensor:
-    """Encoded image bytes → uint8 RGB tensor, 3 × H × W (PIL: maintained, every format;
-    torchvision.io's decoders are deprecated since 0.29)."""
-    with Image.open(io.BytesIO(data)) as img:
+# PIL's bomb check reads a module global at open time; opens swap it under this lock.
+_PIL_LIMIT = threading.Lock()
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """A SampleError naming the image's size where it has more than `max_pixels` pixels (read
+    from its header, before any decoding: width × height × 3 bytes is what decoding takes)."""
+    width, height = size
+    if width * height > max_pixels:
+        raise SampleError(
+            f"image of {width} × {height} = {width * height:,} pixels, over "
+            f"data.max_pixels={max_pixels:,}"
+        )
+
+
+def open_image(source: bytes | Path, max_pixels: int) -> Image.Image:
+    """The image's header, its pixels not yet decoded; check_pixels' SampleError where it has
+    more than `max_pixels` pixels. That limit replaces PIL's own decompression-bomb check
+    (a warning above 89 M pixels, an error above 179 M), so data.max_pixels is the one that
+    applies, in either direction."""
+    with _PIL_LIMIT:
+        pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+    try:
+        check_pixels(img.size, max_pixels)
+    except SampleError:
+        img.close()
+        raise
+    return img
+
+
+def decode(data: bytes | Path, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Encoded image (bytes or a file) → uint8 RGB tensor, 3 × H × W (PIL: maintained, every
+    format; torchvision.io's decoders are deprecated since 0.29)."""
+    with open_image(data, max_pixels) as img:
         rgb = np.array(img.convert("RGB"))  # a writable copy, as torch wants
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
-def read_image(path: Path) -> torch.Tensor:
+def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Decode an image file, or raise a UserError naming the file (`data.on_error` decides
-    whether a run skips it)."""
-    data = b""
+    whether a run skips it). PIL reads the file as it decodes: a file is never held whole."""
     try:
-        data = Path(path).read_bytes()
-        return decode(data)
+        return decode(Path(path), max_pixels)
     except UnidentifiedImageError:
-        # PIL's own message names an anonymous BytesIO; say what the file is instead.
-        why = "empty file" if not data else "not an image format PIL reads"
+        # PIL's own message names the file's object; say what the file is instead.
+        why = "empty file" if Path(path).stat().st_size == 0 else "not an image format PIL reads"
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
         why = reason(e)
     raise UserError(f"cannot read image {str(path)!r}: {why}")
@@ -134,8 +171,7 @@ _CIFAR_LAYOUT = {
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"CIFAR file {str(path)!r} is missing")
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    return safeload.array_pickle(path, "CIFAR file")  # arrays only: a pickle may hold code
 
 
 def cifar_dir(name: str, root: Path) -> Path:
@@ -187,7 +223,7 @@ IMAGENET_MEAN = (123.7, 116.3, 103.5)
 IMAGENET_STD = (58.4, 57.1, 57.4)
 
 
-def _scan(split_dir: Path, classes: list[str]) -> FileSplit:
+def _scan(split_dir: Path, classes: list[str], max_pixels: int) -> FileSplit:
     paths, labels = [], []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
@@ -198,7 +234,7 @@ def _scan(split_dir: Path, classes: list[str]) -> FileSplit:
         )
         paths += found
         labels += [label] * len(found)
-    return FileSplit(paths, labels)
+    return FileSplit(paths, labels, max_pixels)
 
 
 def load_imagefolder(cfg: DataConfig) -> Dataset:
@@ -216,7 +252,7 @@ def load_imagefolder(cfg: DataConfig) -> Dataset:
     unknown = sorted({p.name for p in val_dir.iterdir() if p.is_dir()} - set(classes))
     if unknown:
         raise UserError(f"val classes {unknown} are not among the train classes in {str(root)!r}")
-    train, val = _scan(train_dir, classes), _scan(val_dir, classes)
+    train, val = (_scan(d, classes, cfg.max_pixels) for d in (train_dir, val_dir))
     for split, d in ((train, train_dir), (val, val_dir)):
         if len(split) == 0:
             raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(d)!r}")

@@ -50,10 +50,10 @@ class SplitWriter:
             closed = self.close(pos) is not None
         if self.writer is None:
             self.name = f"{self.split}-{len(self.shards):06d}"
-            self.tmp = self.out / f".{self.name}.tar.tmp"
             self.first = pos
-            with self._reporting():
-                self.writer = wds.TarWriter(str(self.tmp), encoder=False, mtime=MTIME)
+            with self._reporting():  # a name of its own, created exclusively (fsio)
+                self.tmp, self.file = fsio.create_temp(self.out / f"{self.name}.tar")
+                self.writer = wds.TarWriter(self.file, encoder=False, mtime=MTIME)
         with self._reporting():
             self.writer.write(
                 {"__key__": key, ext: image, "cls": str(label).encode(), "json": meta}
@@ -72,6 +72,8 @@ class SplitWriter:
             # Closing writes the tar's end, which fails again where a full disk stopped us.
             with contextlib.suppress(OSError):
                 self.writer.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
             self.tmp.unlink(missing_ok=True)
             self.writer = None
 
@@ -80,7 +82,8 @@ class SplitWriter:
         if self.writer is None:
             return None
         with self._reporting():
-            self.writer.close()
+            self.writer.close()  # the tar's end; the file is ours to close
+            self.file.close()
         where = {}
         with tarfile.open(self.tmp, "r:") as tar:  # offsets as tarfile itself reads them
             for member in tar:

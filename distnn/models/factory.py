@@ -55,6 +55,10 @@ def _torchvision(name: str, num_classes: int, image_size: int, kwargs: dict[str,
     return _call(tvm.get_model, f"tv:{name}", name, weights=None, num_classes=num_classes, **kwargs)
 
 
+# timm.create_model keywords that make it read a file.
+_TIMM_FILES = {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay"}
+
+
 def _timm(name: str, num_classes: int, image_size: int, kwargs: dict[str, Any]) -> nn.Module:
     import timm  # 3 s to import: only runs that use it pay
 
@@ -62,6 +66,12 @@ def _timm(name: str, num_classes: int, image_size: int, kwargs: dict[str, Any]) 
         raise UserError(
             f"unknown {KEY} 'timm:{name}': not a timm model; closest: "
             f"{_closest(name, timm.list_models())}"
+        )
+    reads = sorted(set(kwargs) & _TIMM_FILES)
+    if reads:  # timm would unpickle the file whole: a door around safeload
+        raise UserError(
+            f"model.kwargs.{reads[0]}: timm would load a file with it; give the weights "
+            "as model.init_from= instead"
         )
     return _call(timm.create_model, f"timm:{name}", name, pretrained=False,
                  num_classes=num_classes, **kwargs)  # fmt: skip
@@ -97,6 +107,22 @@ def build(
     if family in FAMILIES:
         return FAMILIES[family](rest, num_classes, image_size, kwargs)
     return from_callable(imports.resolve(name, KEY), name, num_classes, image_size, kwargs)
+
+
+def build_named(
+    name: str, num_classes: int, image_size: int, kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """The model a file names (a checkpoint's or an export's config): a file is data, so only
+    the names distnn builds itself (zoo, tv:, timm:) are built; an import path found in it is
+    never imported."""
+    family, sep, _ = name.partition(":")
+    if sep and family not in FAMILIES:
+        raise UserError(
+            f"the checkpoint names {KEY}={name!r}, an import path: distnn never imports a name "
+            f"found in a file; if you trust it, name it yourself (predict --model {name}, "
+            "Predictor(model=...))"
+        )
+    return build(name, num_classes, image_size, kwargs)
 
 
 def from_callable(

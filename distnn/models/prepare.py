@@ -76,7 +76,7 @@ def _initialised(
     classifier = head(model, num_classes, cfg.model.head)
     notes = []
     if cfg.model.init_from and fresh:
-        weights = pretrained.read(cfg.model.init_from)
+        weights = pretrained.read(cfg.model.init_from, cfg.model.init_from_trusted)
         kept = pretrained.load(model, weights, classifier, cfg.model.init_from)
         fresh_keys = f"; new (not loaded): {', '.join(kept)}" if kept else ""
         notes.append(f"weights from {cfg.model.init_from}{fresh_keys}")

@@ -8,53 +8,39 @@ class count): it keeps its fresh initialisation. Anything else that does not fit
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from distnn import checkpoint
-from distnn.errors import UserError, reason
+from distnn import checkpoint_files, safeload
+from distnn.errors import UserError
 
 KEY = "model.init_from"
+TRUSTED = "model.init_from_trusted"
 # Prefixes wrappers add to every key: DDP's and torch.compile's.
 _WRAPPERS = ("module.", "_orig_mod.")
 
 
-def read(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model state_dict stored at `path`, in any of the forms above."""
+def read(path: str | Path, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """The model state_dict stored at `path`, in any of the forms above, read by the safe
+    loader; `trusted` (model.init_from_trusted=true) lets it unpickle what that refuses."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{KEY}={str(path)!r} does not exist")
-    if path.is_dir():  # a run directory or a directory checkpoint: distnn's own
-        try:
-            return checkpoint.model_state(checkpoint.load_file(path))
-        except UserError as e:
-            raise UserError(f"{KEY}={str(path)!r}: {e}") from None
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return _tensors(path, _guard(path, lambda: load_file(str(path))))
-    try:  # tensors only: what an export or a published state_dict holds
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # A training checkpoint holds more (distnn's RNG states, timm's argparse options): a
-        # file the user names as their weights is unpickled whole, as timm's loader does.
-        obj = _guard(path, lambda: torch.load(path, map_location="cpu", weights_only=False))
-    except Exception as e:
-        raise UserError(f"{KEY}={str(path)!r} cannot be read: {reason(e)}") from None
-    if isinstance(obj, dict) and "strategy" in obj and "config" in obj:  # a distnn checkpoint
-        obj = checkpoint.model_state(obj)
-    return _tensors(path, obj)
-
-
-def _guard(path: Path, load: Any) -> Any:
+    trust = safeload.Trust(f"{TRUSTED}=true", granted=trusted)
     try:
-        return load()
-    except Exception as e:
-        raise UserError(f"{KEY}={str(path)!r} cannot be read: {reason(e)}") from None
+        if path.suffix == ".safetensors":
+            return _tensors(path, safeload.safetensors_file(path))
+        # A run directory or checkpoint (distnn's own form, sharded too), or a state_dict that
+        # may hold more (timm's training checkpoints: argparse options, allowed by name).
+        state = checkpoint_files.load_file(path, trust)
+        if isinstance(state, dict) and "strategy" in state and "config" in state:
+            state = checkpoint_files.model_state(state)
+    except UserError as e:
+        raise UserError(f"{KEY}={str(path)!r}: {e}") from None
+    return _tensors(path, state)
 
 
 def _tensors(path: Path, obj: Any) -> dict[str, torch.Tensor]:

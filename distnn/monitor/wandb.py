@@ -205,17 +205,19 @@ class WandbSink:
 
     def _log_model(self, values: dict[str, Any]) -> None:
         """The final model as an artifact: the export (`python -m distnn.checkpoint export`)
-        of the latest checkpoint, `<run dir>/model.pt` (a plain state_dict) and `model.json`
-        (what predict needs to rebuild it); `distnn.predict --checkpoint model.pt` reads it."""
+        of the latest checkpoint, `<run dir>/model.safetensors` (the weights) and `model.json`
+        (what predict needs to rebuild it); `distnn.predict --checkpoint model.safetensors`
+        reads it."""
         import wandb
 
-        from distnn import checkpoint
+        from distnn import checkpoint, safeload
         from distnn.errors import UserError
 
         run_dir = Path(self.cfg.run_dir)
+        own = safeload.Trust("", own=run_dir)  # the run's own checkpoints, written just now
         try:
-            step = checkpoint.load_file(run_dir)["position"]["step"]
-            path = checkpoint.export(run_dir, run_dir / "model.pt")
+            step = checkpoint.load_file(run_dir, own)["position"]["step"]
+            path = checkpoint.export(run_dir, run_dir / "model.safetensors", trust=own)
         except UserError as e:
             self.say(f"W&B: no model artifact: {e}")
             return

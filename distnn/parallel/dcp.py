@@ -13,8 +13,9 @@ import torch
 import torch.distributed as td
 from torch import nn
 
+from distnn import safeload
 from distnn.ema import restore
-from distnn.errors import UserError
+from distnn.errors import UserError, reason
 
 if TYPE_CHECKING:
     from distnn.ema import EMA
@@ -92,14 +93,31 @@ def _holds(directory: str | Path, part: str) -> bool:
     return any(k.startswith(f"{part}.") for k in _metadata(directory).state_dict_metadata)
 
 
-def _metadata(directory: str | Path) -> Any:
+def _reader(directory: str | Path) -> Any:
+    """DCP's file reader, but for the metadata: DCP unpickles `.metadata` whole, which would
+    run any code a planted file names; safeload reads it as DCP's own classes or not at all."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = safeload.dcp_metadata(Path(directory) / ".metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(directory))
+
+
+def _metadata(directory: str | Path) -> Any:
     try:
-        return FileSystemReader(str(directory)).read_metadata()
+        return _reader(directory).read_metadata()
+    except safeload.Refused:
+        raise
     except Exception as e:  # missing, truncated or not DCP at all
         raise UserError(f"checkpoint {str(directory)!r} has no readable DCP metadata: "
-                        f"{type(e).__name__}") from None  # fmt: skip
+                        f"{reason(e)}") from None  # fmt: skip
 
 
 def verify(directory: str | Path) -> None:
@@ -143,4 +161,4 @@ def _read(state: dict[str, Any], directory: str | Path) -> None:
     alone = not td.is_initialized()
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=directory, no_dist=alone)
+        dcp.load(state, checkpoint_id=directory, storage_reader=_reader(directory), no_dist=alone)

@@ -390,7 +390,7 @@ class DeepSpeed:
         averages = state.get("ema")
         partition = ema_file(state["shards"], self.env.rank)
         if averages is None and self.lockstep_forward and partition.is_file():
-            averages = torch.load(partition, map_location=self.device)["weights"]
+            averages = torch.load(partition, map_location=self.device, weights_only=True)["weights"]
         restore(self.ema, averages)
 
 
@@ -416,8 +416,10 @@ def consolidate(directory: str | Path, part: str = "model") -> dict[str, torch.T
 
     files = Path(directory) / TAG
     if not any(files.glob("*_optim_states.pt")):
+        # Tensors and plain values: the safe loader reads it (the ZeRO optimizer files it
+        # would need below hold DeepSpeed's classes: checkpoint_files.load_file gates those).
         module = torch.load(
-            files / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+            files / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
         )["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     with _quiet():
@@ -430,7 +432,7 @@ def _merge_ema(directory: str | Path) -> dict[str, torch.Tensor]:
     files = sorted((Path(directory) / TAG).glob("ema_rank_*.pt"))
     if not files:
         raise UserError(f"checkpoint {str(directory)!r} holds no EMA weights")
-    parts = [torch.load(f, map_location="cpu") for f in files]
+    parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     shapes, merged = parts[0]["shapes"], {}
     for name, first in parts[0]["weights"].items():
         if name not in shapes:  # a buffer: whole on every rank

@@ -19,10 +19,18 @@ class Format:
     consolidate: Callable[[str, str], dict[str, torch.Tensor]]
     verify: Callable[[str], None]  # raises UserError where the files are incomplete
     any_world_size: bool  # whether they load at another number of processes
+    # What the files are, where only an unpickler that may run code reads them (safeload.py:
+    # the run's own directory, or the user's trust); None where distnn reads them safely.
+    pickled: str | None = None
 
 
 FORMATS = {
-    "deepspeed": Format(deepspeed.consolidate, lambda directory: None, any_world_size=False),
+    "deepspeed": Format(
+        deepspeed.consolidate,
+        lambda directory: None,
+        any_world_size=False,
+        pickled="a DeepSpeed checkpoint directory",
+    ),
     dcp.FORMAT: Format(dcp.consolidate, dcp.verify, any_world_size=True),
 }
 

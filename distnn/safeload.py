@@ -1,0 +1,185 @@
+"""The one place distnn reads files that may come from elsewhere: data, never code.
+
+Weights, checkpoints, exports, DCP metadata and dataset batches are read here and only here:
+- torch files with `weights_only=True`: tensors, containers and plain values load; a pickle
+  that would import or call anything else is refused in one line naming the file and what it
+  would have called. Only with the user's explicit opt-in (`Trust.granted`: `predict --trust`,
+  `model.init_from_trusted=true`, ...) is a refused file unpickled whole, never silently.
+- safetensors, which holds nothing but tensors;
+- formats that can only be read by unpickling (DeepSpeed's checkpoint directories, DCP's
+  `.metadata`) from the run's own directory, which the job created and holds the lock on, or
+  with the opt-in;
+- plain pickles of arrays (CIFAR's batches) by an unpickler that builds numpy arrays and
+  nothing else.
+Nothing here imports a name found inside a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distnn import fsio
+from distnn.errors import UserError, reason
+
+# Harmless classes the safe loader may rebuild beyond tensors and plain containers: numpy's
+# array and dtypes (RNG states in checkpoints written before this loader existed, and in
+# other tools' checkpoints), argparse.Namespace (timm keeps its training options in one).
+_ARRAYS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType,
+           np.dtypes.Int64DType, np.dtypes.Float32DType]  # fmt: skip
+_RECONSTRUCT = [np._core.multiarray._reconstruct, np._core.multiarray.scalar]
+torch.serialization.add_safe_globals([*_ARRAYS, *_RECONSTRUCT, argparse.Namespace])
+
+_REFUSED = re.compile(r"GLOBAL ([\w.]+)")
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Whether the user vouches for the files read, how they say so (`opt_in`, named in every
+    refusal) and the directory whose files this job wrote itself (`own`)."""
+
+    opt_in: str
+    granted: bool = False
+    own: Path | None = None
+
+    def covers(self, path: Path) -> bool:
+        if self.granted:
+            return True
+        if self.own is None:
+            return False
+        return Path(path).resolve().is_relative_to(self.own.resolve())
+
+
+class Refused(UserError):
+    """A file that only an unpickler that runs code could read, and whose reader was not
+    trusted."""
+
+
+def torch_file(path: Path, trust: Trust, what: str = "checkpoint") -> Any:
+    """torch.load with weights_only=True; a file that needs more loads whole only with the
+    opt-in."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust.granted:
+            raise _refusal(path, what, _what_it_holds(e), trust) from None
+    except Exception as e:
+        raise UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # the user's choice
+    except Exception as e:
+        raise UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}") from None
+
+
+def safetensors_file(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}") from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors at `path`, whole or not at all. Each tensor gets its own memory: safetensors
+    refuses tensors that share it (tied weights), and the loader needs no such link."""
+    from safetensors.torch import save
+
+    own = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    with fsio.atomic_open(path, "wb") as f:
+        f.write(save(own))
+
+
+def require(path: Path, trust: Trust, form: str) -> None:
+    """`path` is in a form (`form`) that only unpickling reads: go on only where it is the
+    job's own or the user trusts it."""
+    if not trust.covers(path):
+        raise _refusal(path, "checkpoint", f"{form}, which only an unpickler reads", trust)
+
+
+def _what_it_holds(e: pickle.UnpicklingError) -> str:
+    """What the refused file holds: the global it would have imported and called, else the
+    unpickler's own words (an operation it does not take, or no pickle at all)."""
+    found = _REFUSED.search(str(e))
+    if found:
+        return f"{found.group(1)}, which loading would call"
+    said = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
+    return f"something other than tensors and plain values ({said[0] if said else e!r})"
+
+
+def _refusal(path: Path, what: str, holds: str, trust: Trust) -> Refused:
+    return Refused(
+        f"{what} {str(path)!r} was refused by the safe loader: it holds {holds}; if you trust "
+        f"whoever made the file, add {trust.opt_in} to load it whole (which runs any code it "
+        "names)"
+    )
+
+
+class _Restricted(pickle.Unpickler):
+    """An unpickler that builds containers, plain values and the globals `allowed` admits;
+    any other global is refused before it is imported."""
+
+    def __init__(self, f: Any, allowed: Any, **kwargs: Any) -> None:
+        super().__init__(f, **kwargs)
+        self.allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        if not self.allowed(module, name):
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+        return super().find_class(module, name)
+
+
+_NUMPY = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # bytes, in a protocol-2 pickle written by Python 3
+}
+
+
+def _restricted_load(path: Path, what: str, allowed: Any, **kwargs: Any) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return _Restricted(f, allowed, **kwargs).load()
+    except pickle.UnpicklingError as e:
+        raise Refused(f"{what} {str(path)!r} was refused: it holds {_what_it_holds(e)}") from None
+    except Exception as e:
+        raise UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}") from None
+
+
+def array_pickle(path: Path, what: str) -> Any:
+    """A pickle of arrays and plain values, such as CIFAR's python-format batches."""
+    return _restricted_load(path, what, lambda module, name: (module, name) in _NUMPY,
+                            encoding="bytes")  # fmt: skip
+
+
+_DCP_MODULE = "torch.distributed.checkpoint.metadata"
+_TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+
+
+def _dcp_global(module: str, name: str) -> bool:
+    """The classes DCP's metadata is made of, torch's dtypes, layouts and Size, a path."""
+    if module == _DCP_MODULE:
+        import torch.distributed.checkpoint.metadata as meta
+
+        found = getattr(meta, name, None)
+        return isinstance(found, type) and found.__module__ == _DCP_MODULE
+    if module == "torch.distributed.checkpoint.filesystem":
+        return name == "_StorageInfo"
+    if module == "torch":
+        return name == "Size" or isinstance(getattr(torch, name, None), _TORCH_VALUES)
+    # A layout looked up by its name; the checkpoint's path (StorageMeta.checkpoint_id).
+    return (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+
+def dcp_metadata(path: Path) -> Any:
+    """DCP's `.metadata` (a pickle of its own dataclasses) without running anything else."""
+    return _restricted_load(path, "DCP metadata", _dcp_global)
