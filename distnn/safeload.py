@@ -69,7 +69,7 @@ def torch_file(path: Path, trust: Trust, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust.granted:
-            raise _refusal(path, what, _what_it_holds(e), trust) from None
+            raise _refusal(path, what, f"it holds {_what_it_holds(e)}", trust) from None
     except Exception as e:
         raise UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}") from None
     try:
@@ -101,7 +101,7 @@ def require(path: Path, trust: Trust, form: str) -> None:
     """`path` is in a form (`form`) that only unpickling reads: go on only where it is the
     job's own or the user trusts it."""
     if not trust.covers(path):
-        raise _refusal(path, "checkpoint", f"{form}, which only an unpickler reads", trust)
+        raise _refusal(path, "checkpoint", f"it is {form}, which only an unpickler reads", trust)
 
 
 def _what_it_holds(e: pickle.UnpicklingError) -> str:
@@ -114,12 +114,14 @@ def _what_it_holds(e: pickle.UnpicklingError) -> str:
     return f"something other than tensors and plain values ({said[0] if said else e!r})"
 
 
-def _refusal(path: Path, what: str, holds: str, trust: Trust) -> Refused:
-    return Refused(
-        f"{what} {str(path)!r} was refused by the safe loader: it holds {holds}; if you trust "
-        f"whoever made the file, add {trust.opt_in} to load it whole (which runs any code it "
-        "names)"
+def _refusal(path: Path, what: str, why: str, trust: Trust) -> Refused:
+    way = (
+        f"if you trust whoever made the file, add {trust.opt_in} to load it whole (which runs "
+        "any code it names)"
+        if trust.opt_in
+        else "nothing here loads it whole"
     )
+    return Refused(f"{what} {str(path)!r} was refused by the safe loader: {why}; {way}")
 
 
 class _Restricted(pickle.Unpickler):

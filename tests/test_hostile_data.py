@@ -232,6 +232,21 @@ def test_big_image_in_an_imagefolder_and_predict(tmp_path, big_png, clean_peak, 
     assert str(huge) in line and "12000 × 12000" in line and "data.max_pixels" in line
 
 
+def test_the_sharder_skips_a_bomb_and_verify_counts_from_headers(tmp_path, big_png, make_cfg):
+    """The sharder reads the header before decoding (a 12000 × 12000 PNG is skipped, named in
+    the manifest); data.verify counts each shard's samples without reading their data."""
+    write_imagefolder(tmp_path / "src", per_class=(4, 1), size=12)
+    (tmp_path / "src" / "train" / "cat" / "huge.png").write_bytes(big_png)
+    sharder.shard("imagefolder", tmp_path / "src", tmp_path / "out", max_count=6)
+    doc = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (skipped,) = doc["skipped"]
+    assert skipped["source"].endswith("huge.png") and "data.max_pixels" in skipped["reason"]
+    cfg = make_cfg("data.source=shards", f"data.root={tmp_path / 'out'}", "data.verify=true",
+                   "train.batch_size=2")  # fmt: skip
+    loaders = data.build(cfg, Env())
+    assert loaders.train_size == doc["splits"]["train"]["count"] == 12
+
+
 def test_max_pixels_is_the_limit_that_applies(monkeypatch):
     image = png(np.zeros((50, 50, 3), dtype=np.uint8))
     with pytest.raises(SampleError, match=r"50 × 50 = 2,500 pixels, over data.max_pixels=2,499"):

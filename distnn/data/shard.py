@@ -45,8 +45,10 @@ from distnn.data.sources import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MAX_PIXELS,
     cifar_dir,
     load_cifar,
+    open_image,
 )
 from distnn.data.writer import SplitWriter, reusable, update_totals
 from distnn.errors import UserError, cli, reason
@@ -137,7 +139,7 @@ def encode(item: Item, opts: Options) -> tuple[str, bytes]:
         rgb = np.frombuffer(item.pixels, np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)
         return "png", _png(Image.fromarray(np.ascontiguousarray(rgb)))
     data = Path(item.path).read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data, MAX_PIXELS) as img:  # a bomb is skipped before it decodes
         fmt, (w, h) = img.format, img.size
         small = opts.resize is None or min(w, h) <= opts.resize
         if fmt == "JPEG":
