@@ -219,7 +219,8 @@ class Manager:
         they belong to an attempt that was lost (or to the run that `never` starts over)."""
         if self.writes:
             self._forget_after(state["position"]["step"] if state else 0)
-            for partial in self.dir.glob(".*.tmp"):  # what a writer killed mid-save left
+            # What writers killed mid-write left (the run holds its directory's lock).
+            for partial in [*self.dir.glob(".*.tmp"), *self.dir.parent.glob(".*.tmp")]:
                 fsio.remove(partial)
 
     def _load(self) -> dict[str, Any] | None:

@@ -29,9 +29,9 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
 
 
-# Exclusive, and never through a symlink planted at the name: a link there would have its
-# target overwritten with our bytes.
-_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+# Never through a symlink planted at the name: a link there would have its target written.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
 
 
 def create_temp(path: Path, binary: bool = True) -> tuple[Path, IO[Any]]:
@@ -99,6 +99,13 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
             f.flush()
             os.fsync(f.fileno())
         replace(tmp, path)
+
+
+def open_append(path: Path) -> IO[str]:
+    """A text file to append lines to, line-buffered (a killed job keeps every line written),
+    never through a symlink at its name."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
+    return os.fdopen(fd, "a", buffering=1)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -46,6 +46,8 @@ def _holder() -> str:
 
 
 def lock_path(run_dir: Path) -> Path:
+    """Of the directory itself: `runs/a` and a symlink to it share one lock."""
+    run_dir = Path(run_dir).resolve()
     return run_dir.with_name(f".{run_dir.name}.lock")
 
 
@@ -61,16 +63,17 @@ def hold(run_dir: Path, enabled: bool = True) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as e:
         raise UserError(f"cannot open the run directory's lock {path}: {reason(e)}") from None
+    owner = os.getpid()
     try:
-        locked = _lock(fd, run_dir)
-        if locked:
+        if _lock(fd, run_dir):
             _held.add(fd)
             os.ftruncate(fd, 0)
             os.pwrite(fd, (_holder() + "\n").encode(), 0)
         yield
     finally:
-        _held.discard(fd)
-        os.close(fd)  # releases the lock
+        if os.getpid() == owner:  # a forked child closed its copy when it was forked
+            _held.discard(fd)
+            os.close(fd)  # releases the lock
 
 
 def _lock(fd: int, run_dir: Path) -> bool:

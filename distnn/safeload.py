@@ -17,11 +17,12 @@ Nothing here imports a name found inside a file.
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ from distnn.errors import UserError, reason
 _ARRAYS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType,
            np.dtypes.Int64DType, np.dtypes.Float32DType]  # fmt: skip
 _RECONSTRUCT = [np._core.multiarray._reconstruct, np._core.multiarray.scalar]
-torch.serialization.add_safe_globals([*_ARRAYS, *_RECONSTRUCT, argparse.Namespace])
+# The same functions as numpy 1.x names them in its pickles (torch matches names as text).
+_NUMPY1 = [(f, f"numpy.core.multiarray.{f.__name__}") for f in _RECONSTRUCT]
+torch.serialization.add_safe_globals([*_ARRAYS, *_RECONSTRUCT, *_NUMPY1, argparse.Namespace])
 
 _REFUSED = re.compile(r"GLOBAL ([\w.]+)")
 
@@ -50,11 +53,16 @@ class Trust:
     own: Path | None = None
 
     def covers(self, path: Path) -> bool:
+        """Whether `path` may be read by unpickling: the user said so, or it lies in the run's
+        own directory and every file in it is this user's (one another user planted in a
+        shared directory is not the run's own)."""
         if self.granted:
             return True
         if self.own is None:
             return False
-        return Path(path).resolve().is_relative_to(self.own.resolve())
+        path = Path(path).resolve()
+        mine = all(p.lstat().st_uid == os.getuid() for p in [path, *path.rglob("*")])
+        return path.is_relative_to(self.own.resolve()) and mine
 
 
 class Refused(UserError):
@@ -76,6 +84,16 @@ def torch_file(path: Path, trust: Trust, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)  # the user's choice
     except Exception as e:
         raise UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}") from None
+
+
+def torch_bytes(data: Any, where: str) -> Any:
+    """A torch-serialised value inside another file (DCP's bytes entries): weights_only, with
+    no opt-in (distnn stores only plain values there)."""
+    try:
+        return torch.load(data, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise Refused(f"{where} was refused by the safe loader: it holds "
+                      f"{_what_it_holds(e)}; nothing here loads it whole") from None  # fmt: skip
 
 
 def safetensors_file(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -124,18 +142,30 @@ def _refusal(path: Path, what: str, why: str, trust: Trust) -> Refused:
     return Refused(f"{what} {str(path)!r} was refused by the safe loader: {why}; {way}")
 
 
-class _Restricted(pickle.Unpickler):
+class _Restricted(pickle._Unpickler):  # the pure-Python unpickler: its BUILD can be guarded
     """An unpickler that builds containers, plain values and the globals `allowed` admits;
-    any other global is refused before it is imported."""
+    any other global is refused before it is imported, and the admitted ones are only called,
+    never changed (BUILD on a class would set its attributes for the whole process)."""
+
+    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, f: Any, allowed: Any, **kwargs: Any) -> None:
         super().__init__(f, **kwargs)
-        self.allowed = allowed
+        self.allowed, self.found = allowed, set()
 
     def find_class(self, module: str, name: str) -> Any:
         if not self.allowed(module, name):
             raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        self.found.add(id(found))
+        return found
+
+    def _build(self) -> None:
+        if id(self.stack[-2]) in self.found:
+            raise pickle.UnpicklingError(f"an attempt to change {self.stack[-2]!r}")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _build
 
 
 _NUMPY = {

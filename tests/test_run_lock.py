@@ -3,6 +3,7 @@ own (fsio.py)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
@@ -21,8 +22,9 @@ import numpy as np
 from torch.utils.data import Dataset
 
 class Gated(Dataset):
-    """Synthetic images; reads wait for the file `GATE_RELEASE` names (60 s at most in all):
-    the job is alive, holding its run directory, for as long as the test needs."""
+    """Synthetic images; once the file `GATE_HOLD` names exists (the run's first checkpoint),
+    reads wait for the one `GATE_RELEASE` names (60 s at most in all): the job is alive,
+    holding its run directory with a checkpoint and metrics in it, as long as the test needs."""
     classes = ["a", "b"]
 
     def __init__(self, split, root, n=64):
@@ -32,7 +34,9 @@ class Gated(Dataset):
         return self.n
 
     def __getitem__(self, i):
-        while not os.path.exists(os.environ["GATE_RELEASE"]) and time.monotonic() < self.deadline:
+        while (os.path.exists(os.environ["GATE_HOLD"])
+               and not os.path.exists(os.environ["GATE_RELEASE"])
+               and time.monotonic() < self.deadline):
             time.sleep(0.05)
         rng = np.random.default_rng(i)
         return rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), i % 2
@@ -48,23 +52,28 @@ def _command(run_dir: Path, *extra: str) -> list[str]:
             f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *extra]  # fmt: skip
 
 
-def _env(tmp_path: Path, release: Path) -> dict:
+def _env(tmp_path: Path, run_dir: Path, release: Path) -> dict:
     (tmp_path / "gate.py").write_text(GATE)
     path = os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "GATE_RELEASE": str(release)}
+    hold = run_dir / "checkpoints" / "latest"
+    return {**os.environ, "PYTHONPATH": path, "GATE_HOLD": str(hold), "GATE_RELEASE": str(release)}
 
 
 def test_a_second_job_on_a_run_directory_stops_and_touches_nothing(tmp_path):
     run_dir, release = tmp_path / "runs" / "shared", tmp_path / "release"
-    env = _env(tmp_path, release)
+    env = _env(tmp_path, run_dir, release)
     first = subprocess.Popen(_command(run_dir), env=env, cwd=ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60  # until the holder has written its line
-        while f"pid {first.pid}" not in _read(runlock.lock_path(run_dir)):
+        deadline = time.monotonic() + 60  # until it holds the lock and its first checkpoint
+        while (
+            f"pid {first.pid}" not in _read(runlock.lock_path(run_dir))
+            or not (run_dir / "checkpoints" / "latest").exists()
+        ):
             assert time.monotonic() < deadline and first.poll() is None, "the first job ended"
             time.sleep(0.1)
-        before = {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+        before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*")}
+        assert {"metrics.jsonl", "latest", "step_00000002.pt", "config.yaml"} <= set(before)
         started = time.monotonic()
         second = subprocess.run(_command(run_dir, "ckpt.resume=never"), env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -75,7 +84,8 @@ def test_a_second_job_on_a_run_directory_stops_and_touches_nothing(tmp_path):
         assert lines[-1].startswith("error: run directory") and len(
             [line for line in lines if line.startswith("error")]) == 1, second.stderr  # fmt: skip
         assert str(run_dir) in lines[-1] and f"pid {first.pid}" in lines[-1], lines[-1]
-        assert {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+        after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*")}
+        assert after == before  # nothing deleted, truncated, appended or added
     finally:
         release.touch()
         _, err = first.communicate(timeout=120)
@@ -86,18 +96,47 @@ def test_a_second_job_on_a_run_directory_stops_and_touches_nothing(tmp_path):
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
-    """SIGKILL the job that holds the directory (a lost node), start it again: it resumes."""
+    """SIGKILL the job that holds the directory (a lost node), start it again: it resumes.
+    The lock is free the moment the job is gone (with a loader worker: see the fork test)."""
     run_dir, release = tmp_path / "runs" / "k", tmp_path / "release"
-    env = _env(tmp_path, release)
+    env = _env(tmp_path, run_dir, release)
     release.touch()
-    killed = subprocess.run(_command(run_dir), env={**env, "DISTNN_FAULT": "kill@step:5,rank:0"},
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    fault = {**env, "DISTNN_FAULT": "kill@step:5,rank:0"}
+    killed = subprocess.run(_command(run_dir, "data.workers=1"), env=fault, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert killed.returncode == -9, killed.stderr[-2000:]
+    fd = os.open(runlock.lock_path(run_dir), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while anyone holds it
+    finally:
+        os.close(fd)
     again = subprocess.run(_command(run_dir), env=env, cwd=ROOT, capture_output=True, text=True,
                            timeout=120)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed at step 4" in again.stdout
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_a_forked_child_holds_no_copy_of_the_lock(tmp_path):
+    """A process forked while the lock is held (a DataLoader worker) closes its copy at once:
+    the lock goes with its holder, however long the child lives on."""
+    run_dir = tmp_path / "r"
+    ready, started = os.pipe()
+    with runlock.hold(run_dir):
+        child = os.fork()
+        if child == 0:  # the child outlives the block by two seconds, then leaves
+            os.write(started, b"x")  # os.fork has returned here: the fork hooks have run
+            time.sleep(2)
+            os._exit(0)
+        assert os.read(ready, 1) == b"x"
+    fd = os.open(runlock.lock_path(run_dir), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while anyone holds it
+    finally:
+        os.close(fd)
+        os.waitpid(child, 0)
+        os.close(ready)
+        os.close(started)
 
 
 def _read(path: Path) -> str:

@@ -177,6 +177,33 @@ def test_dcp_metadata_is_read_safely(tmp_path):
     assert not marker.exists()
 
 
+def test_dcp_entries_stored_as_bytes_are_read_safely(tmp_path):
+    """DCP stores non-tensor entries (the optimizer's param_groups' values) as pickles and
+    unpickles them whole: distnn's planner reads them with the safe loader."""
+    import torch.distributed.checkpoint as tdcp
+
+    tdcp.save({"w": torch.ones(3), "note": "plain"}, checkpoint_id=tmp_path / "ok", no_dist=True)
+    state = {"w": torch.zeros(3), "note": None}
+    dcp._read(state, tmp_path / "ok")
+    assert state["note"] == "plain" and torch.equal(state["w"], torch.ones(3))
+    marker = tmp_path / "marker"
+    tdcp.save({"w": torch.ones(3), "note": Marker(marker)}, checkpoint_id=tmp_path / "bad",
+              no_dist=True)  # fmt: skip
+    with pytest.raises(safeload.Refused, match=r"entry note.*system"):
+        dcp._read({"w": torch.zeros(3), "note": None}, tmp_path / "bad")
+    assert not marker.exists()
+
+
+def test_dcp_metadata_cannot_change_a_class(tmp_path):
+    """BUILD on an admitted class (here pathlib's) would set its attributes process-wide."""
+    import pathlib
+
+    (tmp_path / ".metadata").write_bytes(b"cpathlib\nPosixPath\nN}S'_hijack'\nI1\ns\x86b.")
+    with pytest.raises(safeload.Refused, match="an attempt to change"):
+        safeload.dcp_metadata(tmp_path / ".metadata")
+    assert not hasattr(pathlib.PosixPath, "_hijack")
+
+
 def test_cifar_batches_are_read_as_arrays_only(tmp_path, make_cfg):
     """CIFAR's python batches are pickles: the array unpickler reads the real format (the
     data tests train on it) and refuses anything else."""

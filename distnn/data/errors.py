@@ -99,10 +99,10 @@ class PolicyLoader:
                 if not self.timeout_s or time.monotonic() - waiting < self.timeout_s:
                     raise
                 # The DataLoader yields batches in the sampler's order: the late one is the k-th.
-                late = next(itertools.islice(iter(self.loader.sampler), k, None))
+                late = next(itertools.islice(iter(self.loader.sampler), k, None), None)
+                reading = "" if late is None else f" reading {self.loader.dataset.where(late)}"
                 raise UserError(
                     f"no batch from the data loader's workers for {self.timeout_s:g} s "
-                    f"(data.timeout_s): a worker is stuck reading "
-                    f"{self.loader.dataset.where(late)}"
+                    f"(data.timeout_s): a worker is stuck{reading}"
                 ) from None
             yield batch

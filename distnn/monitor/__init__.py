@@ -45,7 +45,7 @@ class Run:
             _rewind(self.dir / "metrics.jsonl", start_step)
             # Line-buffered and open for the whole run: a killed job keeps every record written.
             with fsio.reporting(self.dir / "metrics.jsonl"):
-                self.metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+                self.metrics = fsio.open_append(self.dir / "metrics.jsonl")
             try:
                 if cfg.log.tensorboard:
                     self._start_tensorboard(cfg, start_step)

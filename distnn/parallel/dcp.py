@@ -5,6 +5,7 @@ files load at any world size (DCP reshards on load) or, merged, into the plain m
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,11 +155,39 @@ def consolidate(directory: str | Path, part: str = "model") -> dict[str, torch.T
     return state
 
 
+def _planner(directory: str | Path) -> Any:
+    """DCP's load planner, but for entries stored as bytes (the optimizer's param_groups, any
+    entry the metadata says is bytes): DCP unpickles those whole; here the safe loader reads
+    them."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            where = f"{Path(directory) / '.metadata'}: entry {read_item.dest_index.fqn}"
+            plain = safeload.torch_bytes(value, where)
+            again = io.BytesIO()  # what DCP unpickles now is what the safe loader built
+            torch.save(plain, again)
+            again.seek(0)
+            super().load_bytes(read_item, again)
+
+    return SafePlanner()
+
+
 def _read(state: dict[str, Any], directory: str | Path) -> None:
-    """dcp.load into `state`; in one process where no process group is up."""
+    """dcp.load into `state`; in one process where no process group is up. An entry the safe
+    loader refuses is one line, on every rank."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     alone = not td.is_initialized()
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=directory, storage_reader=_reader(directory), no_dist=alone)
+        try:
+            dcp.load(state, checkpoint_id=directory, storage_reader=_reader(directory),
+                     planner=_planner(directory), no_dist=alone)  # fmt: skip
+        except CheckpointException as e:  # DCP gathers each rank's failure
+            failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+            refused = next((f for f in failures if isinstance(f, safeload.Refused)), None)
+            if refused is None:
+                raise
+            raise refused from None
