@@ -46,8 +46,9 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, reference):
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-5)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
-    # Rank 0 alone logs and writes: one run dir, one line per step, one closing line.
-    assert [p.name for p in tmp_path.iterdir()] == ["two"]
+    # Rank 0 alone logs and writes: one run dir (and its lock), one line per step, one
+    # closing line.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".two.lock", "two"]
     assert r.stdout.count("done:") == 1
     assert sum(line.startswith("step ") for line in r.stdout.splitlines()) == 7  # 6 + eval
 
