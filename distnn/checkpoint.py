@@ -377,7 +377,9 @@ def load_any(path: str | Path, trust: safeload.Trust = UNTRUSTED) -> dict[str, A
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m distnn.checkpoint")
     sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write a plain state_dict (+ .json) from a checkpoint")
+    ex = sub.add_parser(
+        "export", help="write the weights as safetensors (+ .json) from a checkpoint"
+    )
     ex.add_argument("source", help="run directory or checkpoint file")
     ex.add_argument("out", help="output .safetensors path (the .json goes beside it)")
     ex.add_argument(

@@ -30,8 +30,8 @@ def temp_path(path: Path) -> Path:
 
 
 # Never through a symlink planted at the name: a link there would have its target written.
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW
 
 
 def create_temp(path: Path, binary: bool = True) -> tuple[Path, IO[Any]]:
@@ -104,7 +104,7 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
 def open_append(path: Path) -> IO[str]:
     """A text file to append lines to, line-buffered (a killed job keeps every line written),
     never through a symlink at its name."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o666)
     return os.fdopen(fd, "a", buffering=1)
 
 

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from distnn import fsio
 from distnn.errors import UserError, reason
 
 # Descriptors of the locks this process holds. A forked child (a DataLoader worker) closes its
@@ -60,7 +61,7 @@ def hold(run_dir: Path, enabled: bool = True) -> Iterator[None]:
     path = lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:  # no O_TRUNC: a job that finds the lock taken must leave the holder's line as it is
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | fsio.NOFOLLOW, 0o666)
     except OSError as e:
         raise UserError(f"cannot open the run directory's lock {path}: {reason(e)}") from None
     owner = os.getpid()

@@ -6,11 +6,11 @@ Weights, checkpoints, exports, DCP metadata and dataset batches are read here an
   would have called. Only with the user's explicit opt-in (`Trust.granted`: `predict --trust`,
   `model.init_from_trusted=true`, ...) is a refused file unpickled whole, never silently.
 - safetensors, which holds nothing but tensors;
-- formats that can only be read by unpickling (DeepSpeed's checkpoint directories, DCP's
-  `.metadata`) from the run's own directory, which the job created and holds the lock on, or
-  with the opt-in;
-- plain pickles of arrays (CIFAR's batches) by an unpickler that builds numpy arrays and
-  nothing else.
+- formats that only an unpickler which may run code reads (DeepSpeed's checkpoint
+  directories) from the run's own directory, which the job holds the lock on, or with the
+  opt-in;
+- pickles of known shapes by a restricted unpickler: DCP's `.metadata` as DCP's own classes,
+  CIFAR's batches as numpy arrays, and nothing else.
 Nothing here imports a name found inside a file.
 """
 
@@ -61,8 +61,9 @@ class Trust:
         if self.own is None:
             return False
         path = Path(path).resolve()
-        mine = all(p.lstat().st_uid == os.getuid() for p in [path, *path.rglob("*")])
-        return path.is_relative_to(self.own.resolve()) and mine
+        return path.is_relative_to(self.own.resolve()) and all(
+            p.lstat().st_uid == os.getuid() for p in [path, *path.rglob("*")]
+        )
 
 
 class Refused(UserError):
@@ -77,13 +78,13 @@ def torch_file(path: Path, trust: Trust, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust.granted:
-            raise _refusal(path, what, f"it holds {_what_it_holds(e)}", trust) from None
+            raise _refusal(f"{what} {str(path)!r}", _holds(e), trust.opt_in) from None
     except Exception as e:
-        raise UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}") from None
+        raise _unreadable(what, path, e) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)  # the user's choice
     except Exception as e:
-        raise UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}") from None
+        raise _unreadable(what, path, e) from None
 
 
 def torch_bytes(data: Any, where: str) -> Any:
@@ -92,8 +93,7 @@ def torch_bytes(data: Any, where: str) -> Any:
     try:
         return torch.load(data, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise Refused(f"{where} was refused by the safe loader: it holds "
-                      f"{_what_it_holds(e)}; nothing here loads it whole") from None  # fmt: skip
+        raise _refusal(where, _holds(e)) from None
 
 
 def safetensors_file(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -102,7 +102,7 @@ def safetensors_file(path: Path, what: str = "weights") -> dict[str, torch.Tenso
     try:
         return load_file(str(path))
     except Exception as e:
-        raise UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}") from None
+        raise _unreadable(what, path, e) from None
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -119,27 +119,33 @@ def require(path: Path, trust: Trust, form: str) -> None:
     """`path` is in a form (`form`) that only unpickling reads: go on only where it is the
     job's own or the user trusts it."""
     if not trust.covers(path):
-        raise _refusal(path, "checkpoint", f"it is {form}, which only an unpickler reads", trust)
+        why = f"it is {form}, which only an unpickler reads"
+        raise _refusal(f"checkpoint {str(path)!r}", why, trust.opt_in)
 
 
-def _what_it_holds(e: pickle.UnpicklingError) -> str:
+def _holds(e: pickle.UnpicklingError) -> str:
     """What the refused file holds: the global it would have imported and called, else the
     unpickler's own words (an operation it does not take, or no pickle at all)."""
     found = _REFUSED.search(str(e))
     if found:
-        return f"{found.group(1)}, which loading would call"
+        return f"it holds {found.group(1)}, which loading would call"
     said = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
-    return f"something other than tensors and plain values ({said[0] if said else e!r})"
+    return f"it holds something other than tensors and plain values ({said[0] if said else e!r})"
 
 
-def _refusal(path: Path, what: str, why: str, trust: Trust) -> Refused:
+def _refusal(subject: str, why: str, opt_in: str = "") -> Refused:
+    """One line for every refusal: what was refused, why, and the opt-in where there is one."""
     way = (
-        f"if you trust whoever made the file, add {trust.opt_in} to load it whole (which runs "
-        "any code it names)"
-        if trust.opt_in
+        f"if you trust whoever made the file, add {opt_in} to load it whole (which runs any "
+        "code it names)"
+        if opt_in
         else "nothing here loads it whole"
     )
-    return Refused(f"{what} {str(path)!r} was refused by the safe loader: {why}; {way}")
+    return Refused(f"{subject} was refused by the safe loader: {why}; {way}")
+
+
+def _unreadable(what: str, path: Path, e: Exception) -> UserError:
+    return UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}")
 
 
 class _Restricted(pickle._Unpickler):  # the pure-Python unpickler: its BUILD can be guarded
@@ -182,9 +188,9 @@ def _restricted_load(path: Path, what: str, allowed: Any, **kwargs: Any) -> Any:
         with open(path, "rb") as f:
             return _Restricted(f, allowed, **kwargs).load()
     except pickle.UnpicklingError as e:
-        raise Refused(f"{what} {str(path)!r} was refused: it holds {_what_it_holds(e)}") from None
+        raise _refusal(f"{what} {str(path)!r}", _holds(e)) from None
     except Exception as e:
-        raise UserError(f"{what} {str(path)!r} cannot be read: {reason(e)}") from None
+        raise _unreadable(what, path, e) from None
 
 
 def array_pickle(path: Path, what: str) -> Any:
