@@ -9,8 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distnn.config import Config, for_world
-from distnn.data import custom, pipeline, sources
-from distnn.data.augment import Augment
+from distnn.data import custom, pipeline, sources, transforms
 from distnn.data.errors import Batch, DataErrors, PolicyLoader
 from distnn.data.order import EvalBatches, Key, ShardOrder, TrainBatches
 from distnn.data.transforms import EvalTransform, TrainTransform
@@ -118,7 +117,6 @@ def build(
     if cfg.data.source == "shards" and datasets is None:
         return pipeline.build(cfg, env, pin_memory)
     ds = _dataset(cfg, datasets)
-    size = cfg.data.image_size
     order = TrainBatches(
         len(ds.train),
         cfg.train.batch_size,
@@ -133,10 +131,9 @@ def build(
             f"{len(ds.train)} training samples make no full global batch of {global_batch} "
             f"(train.batch_size × world size × train.accum_steps); lower train.batch_size"
         )
-    augment = Augment.from_config(cfg.data, ds.mean)
-    train = TrainTransform(size, cfg.train.seed, cfg.data.hflip, augment)
+    train, val = transforms.for_config(cfg.data, cfg.train.seed, ds.mean)
     train_reader = BatchReader(ds.train, train, ds.name)
-    val_reader = BatchReader(ds.val, EvalTransform(size), ds.name)
+    val_reader = BatchReader(ds.val, val, ds.name)
     val_order = EvalBatches(len(ds.val), cfg.train.batch_size, env.world_size, env.rank)
     errors = DataErrors()
     return Loaders(

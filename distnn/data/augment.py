@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 import torch
 from torchvision.transforms import v2
 
-from distnn.data.transforms import SMALL
-
 if TYPE_CHECKING:
     from distnn.config import DataConfig
 
+# Images at most this size are CIFAR-like: they train with pad + random crop (transforms.py) and
+# get CIFAR-10's AutoAugment policy; larger ones the ImageNet recipe.
+SMALL = 64
 
 # data.augment's policies by name: (image size, ops, magnitude) -> torchvision's transform.
 POLICIES: dict[str, Callable[[int, int, int], torch.nn.Module]] = {

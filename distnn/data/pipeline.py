@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from distnn.config import DataConfig
 from distnn.data import manifest as mf
-from distnn.data.augment import Augment
+from distnn.data import transforms
 from distnn.data.errors import Batch, DataErrors, SampleError
 from distnn.data.order import ShardOrder, Spec
 from distnn.data.sources import MAX_PIXELS, open_image
@@ -182,13 +182,11 @@ def build(cfg: Config, env: Env, pin_memory: bool = False) -> Loaders:
         [s.count for s in val_shards], t.batch_size, env.world_size, env.rank, d.workers,
         t.seed, train=False,
     )  # fmt: skip
-    size, n_classes, errors = d.image_size, len(m.classes), DataErrors()
-    augment = Augment.from_config(d, m.mean)
+    n_classes, errors = len(m.classes), DataErrors()
+    train, val = transforms.for_config(d, t.seed, m.mean)
     limits = (d.max_pixels, d.max_shard_bytes)
-    train_reader = ShardReader(
-        m.root, train_shards, n_classes, TrainTransform(size, t.seed, d.hflip, augment), *limits
-    )
-    val_reader = ShardReader(m.root, val_shards, n_classes, EvalTransform(size), *limits)
+    train_reader = ShardReader(m.root, train_shards, n_classes, train, *limits)
+    val_reader = ShardReader(m.root, val_shards, n_classes, val, *limits)
     return Loaders(
         train=_loader(train_reader, order, cfg, pin_memory, errors, train=True),
         val=_loader(val_reader, val_order, cfg, pin_memory, errors, train=False),

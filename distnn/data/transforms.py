@@ -11,18 +11,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
-if TYPE_CHECKING:
-    from distnn.data.augment import Augment
+from distnn.config import DataConfig
+from distnn.data.augment import SMALL, Augment
 
-# Images at most this size train with pad + random crop (CIFAR recipe); larger ones with
-# random-resized crops (ImageNet recipe).
-SMALL = 64
 PAD = 4
 EVAL_CROP = 0.875
 
@@ -152,3 +148,11 @@ class EvalTransform:
         for j in sorted(set(range(len(images))) - set(stored)):
             x[j] = self(_chw(images[j]))
         return x
+
+
+def for_config(
+    d: DataConfig, seed: int, mean: Sequence[float]
+) -> tuple[TrainTransform, EvalTransform]:
+    """The train and eval transforms of `data.*` for a dataset of mean `mean` (every source)."""
+    train = TrainTransform(d.image_size, seed, d.hflip, Augment.from_config(d, mean))
+    return train, EvalTransform(d.image_size)
