@@ -104,7 +104,7 @@ def _load_blobs(paths: list[str]) -> None:
 
 
 def _bare(task: tuple[int, int, int, int, bool]) -> int:
-    from distnn.data.pipeline import decode_rgb
+    from distnn.data.sources import decode_rgb
     from distnn.data.transforms import TrainTransform
 
     lo, hi, size, batch, augment = task

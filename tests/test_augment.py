@@ -142,8 +142,8 @@ def test_shard_batches_equal_single_samples(make_cfg, cifar_shards, overrides):
     loaders.train_order.set_epoch(1)
     rows = 0
     for (epoch, items), (x, _) in zip(loaders.train_order, loaders.train, strict=True):
-        for row, (s, member, g) in zip(x, items.tolist(), strict=True):
-            image = decode(reader.sample(s, member)[0])
+        for row, g in zip(x, items.tolist(), strict=True):
+            image = decode(reader.split.sample(g)[0])
             assert torch.equal(row, single(image, g, epoch))
             rows += 1
     assert rows == loaders.steps_per_epoch * 8 == 40

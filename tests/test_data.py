@@ -214,9 +214,9 @@ def test_imagefolder_unreadable_files_are_skipped_and_counted(tmp_path, make_cfg
     order = list(loaders.train_order)
     batches = list(loaders.train)
     assert len(batches) == loaders.steps_per_epoch == len(order) == 4
-    for (x, y), keys in zip(batches, order, strict=True):
+    for (x, y), (_, batch) in zip(batches, order, strict=True):
         # Full batches but for the unreadable samples, left out; the rest in order.
-        good = [i for i, _ in keys if i not in bad_index]
+        good = [i for i in batch.tolist() if i not in bad_index]
         assert y.tolist() == [ds.train.label(i) for i in good]
         assert x.shape == (len(good), 3, 16, 16)
     assert loaders.errors.skipped == 2
@@ -227,7 +227,7 @@ def test_imagefolder_unreadable_files_are_skipped_and_counted(tmp_path, make_cfg
     assert [len(list(r.train)) for r in ranks] == [r.steps_per_epoch for r in ranks] == [2, 2]
     assert sum(r.errors.skipped for r in ranks) == 2
     # data.on_error=raise: the first unreadable file met stops the epoch, named in one line.
-    first = next(i for keys in order for i, _ in keys if i in bad_index)
+    first = next(i for batch in indices(order) for i in batch if i in bad_index)
     strict = data.build(cfg("data.on_error=raise"), Env())
     message = user_error(lambda: list(strict.train))
     assert str(ds.train.paths[first]) in message and "data.on_error=skip" in message
@@ -303,7 +303,8 @@ def synthetic_cfg(make_cfg, batch: int, *extra: str):
 
 
 def indices(batches) -> list[list[int]]:
-    return [[i for i, _ in batch] for batch in batches]
+    """The sample indices of an order's (epoch, indices) batches."""
+    return [batch.tolist() for _, batch in batches]
 
 
 @pytest.mark.parametrize("hflip", [True, False])
@@ -318,14 +319,14 @@ def test_train_loader_batches(make_cfg, hflip):
     order = list(loaders.train_order)
     batches = list(loaders.train)
     assert len(batches) == loaders.steps_per_epoch == len(order)
-    for (x, y), keys in zip(batches, order, strict=True):
+    for (x, y), (epoch, batch) in zip(batches, order, strict=True):
         assert x.dtype == torch.uint8 and x.shape == (8, 3, SIZE, SIZE)
         assert y.dtype == torch.int64 and y.shape == (8,)
         # Each row is the sample the order names, augmented for its (index, epoch).
-        assert y.tolist() == [ds.train.label(i) for i, _ in keys]
-        for row, (i, epoch) in zip(x, keys, strict=True):
+        assert y.tolist() == [ds.train.label(i) for i in batch.tolist()]
+        for row, i in zip(x, batch.tolist(), strict=True):
             assert torch.equal(row, transform(ds.train.image(i), i, epoch))
-    seen = [i for keys in order for i, _ in keys]
+    seen = [i for batch in indices(order) for i in batch]
     assert sorted(seen) == list(range(N_TRAIN))  # 64 / 8: one whole pass, no repeats
     val = list(loaders.val)
     assert [len(y) for _, y in val] == [8, 8, 5]
@@ -350,12 +351,12 @@ def test_two_ranks_split_the_single_process_batch(make_cfg, accum):
         whole = list(single.train_order)
         per_rank = [list(loaders.train_order) for loaders in ranks]
         assert len(whole) == single.steps_per_epoch
-        for t, batch in enumerate(whole):
-            assert {key[1] for key in batch} == {epoch}
+        assert {e for e, _ in whole} | {e for rank in per_rank for e, _ in rank} == {epoch}
+        for t, batch in enumerate(indices(whole)):
             r0, r1 = set(indices(per_rank[0])[t]), set(indices(per_rank[1])[t])
             assert len(r0) == len(r1) == b
             assert not r0 & r1
-            assert r0 | r1 == {i for i, _ in batch}
+            assert r0 | r1 == set(batch)
 
 
 def test_epochs_differ_and_resume_yields_the_tail():
@@ -375,7 +376,7 @@ def test_epochs_differ_and_resume_yields_the_tail():
         full = list(order)
         order.set_epoch(epoch, start_batch=k)
         assert len(order) == 12 - k
-        assert list(order) == full[k:]
+        assert indices(order) == indices(full[k:])
     # Same seed, same epoch: the same order in a new sampler; another seed: another order.
     again = TrainBatches(50, 4, 1, 0, seed=7)
     again.set_epoch(2)
@@ -404,8 +405,8 @@ def test_eval_orders_cover_every_sample_once(n, world, batch):
         order = EvalBatches(n, batch, world, rank)
         batches = list(order)
         assert len(batches) == len(order)
-        assert all(0 < len(b) <= batch for b in batches)
-        assert all(epoch == 0 for b in batches for _, epoch in b)
+        assert all(0 < len(b) <= batch for _, b in batches)
+        assert all(epoch == 0 for epoch, _ in batches)
         seen += [i for b in indices(batches) for i in b]
     assert sorted(seen) == list(range(n))
 
@@ -415,8 +416,8 @@ def test_eval_loaders_across_ranks(make_cfg):
     labels = {}
     for rank in range(2):
         loaders = data.build(synthetic_cfg(make_cfg, 4), Env(rank=rank, world_size=2))
-        for keys, (x, y) in zip(loaders.val.loader.sampler, loaders.val, strict=True):
-            for (i, _), row, label in zip(keys, x, y.tolist(), strict=True):
+        for (_, batch), (x, y) in zip(loaders.val.loader.sampler, loaders.val, strict=True):
+            for i, row, label in zip(batch.tolist(), x, y.tolist(), strict=True):
                 assert i not in labels
                 labels[i] = label
                 assert torch.equal(row, ds.val.image(i))

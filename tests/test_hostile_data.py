@@ -319,4 +319,5 @@ def test_stuck_worker_of_a_python_dataset_names_the_source(tmp_path, make_cfg):
             list(loaders.train)
     finally:
         release(fifo)
-    assert "data.source=python (samples" in str(info.value) and "data.timeout_s" in str(info.value)
+    line = str(info.value)
+    assert "data.source=python (sample " in line and "data.timeout_s" in line

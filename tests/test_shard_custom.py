@@ -172,7 +172,7 @@ def test_user_dataset_shards_train_like_builtins(userdata, sharded, make_cfg):
     loaders.train_order.set_epoch(1)
     n = 0
     for (epoch, items), (x, y) in zip(loaders.train_order, loaders.train, strict=True):
-        for row, label, g in zip(x, y.tolist(), items[:, 2].tolist(), strict=True):
+        for row, label, g in zip(x, y.tolist(), items.tolist(), strict=True):
             image, want = expected["train"][index["train"][g]]
             assert label == want and torch.equal(row, transform(image, g, epoch))
             n += 1

@@ -65,7 +65,7 @@ def epochs(loaders, start=0):
     out = []
     for e in EPOCHS:
         loaders.train_order.set_epoch(e, start if e == EPOCHS[-1] else 0)
-        specs = [items[:, 2] for _, items in loaders.train_order]
+        specs = [items for _, items in loaders.train_order]
         loaders.train_order.set_epoch(e, start if e == EPOCHS[-1] else 0)
         batches = list(loaders.train)
         assert len(batches) == len(specs)

@@ -249,8 +249,8 @@ def test_plain_tar_shards_with_a_written_manifest(tmp_path, make_cfg):
     transform = TrainTransform(16, seed=2)
     loaders.train_order.set_epoch(1)
     for (epoch, items), (x, y) in zip(loaders.train_order, loaders.train, strict=True):
-        assert y.tolist() == [expected[g][1] for g in items[:, 2]]
-        for row, g in zip(x, items[:, 2].tolist(), strict=True):
+        assert y.tolist() == [expected[g][1] for g in items]
+        for row, g in zip(x, items.tolist(), strict=True):
             assert torch.equal(row, transform(decode(expected[g][0]), g, epoch))
 
 
@@ -321,7 +321,7 @@ def test_two_ranks_two_workers_three_shards(make_cfg, small):
             loaders.train_order.set_epoch(epoch)
             batches = list(loaders.train)
             assert [len(y) for _, y in batches] == [4] * 4
-        train_seen += [g for _, items in loaders.train_order for g in items[:, 2].tolist()]
+        train_seen += [g for _, items in loaders.train_order for g in items.tolist()]
         for x, _ in loaders.val:
             for image in x:
                 assert stamp(image) not in val_seen
@@ -344,7 +344,7 @@ def test_orders_are_equal_and_exact(counts, world, workers, batch):
             specs = list(order)
             steps.add(len(specs))
             assert all(len(items) == batch for _, items in specs)
-            seen += [g for _, items in specs for g in items[:, 2].tolist()]
+            seen += [g for _, items in specs for g in items.tolist()]
         assert steps == {n // (batch * world * accum) * accum}
         assert len(seen) == len(set(seen)) and set(seen) <= set(range(n))
     evals = []
@@ -352,7 +352,7 @@ def test_orders_are_equal_and_exact(counts, world, workers, batch):
         order = ShardOrder(counts, batch, world, rank, workers, seed=1, train=False)
         specs = list(order)
         assert len(specs) == order.steps and all(0 < len(i) <= batch for _, i in specs)
-        evals += [g for _, items in specs for g in items[:, 2].tolist()]
+        evals += [g for _, items in specs for g in items.tolist()]
     assert sorted(evals) == list(range(n))
 
 
@@ -418,7 +418,7 @@ def test_damaged_indexed_shard_and_truncated_tar(tmp_path, make_cfg, small):
     # Overwrite the bytes of an image epoch 0 uses inside an indexed shard (no verify: found
     # while training).
     order = ShardOrder([12, 12, 11], 4, 1, 0, 2, seed=0)
-    m = min(m for _, items in order for s, m, _ in items.tolist() if s == 1)
+    m = min(g - 12 for _, items in order for g in items.tolist() if 12 <= g < 24)
     index = json.loads((out / "train-000001.idx.json").read_text())["samples"]
     _key, _ext, offset, size, _label = index[m]
     with open(out / "train-000001.tar", "r+b") as f:

@@ -5,57 +5,65 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from distnn.config import Config, for_world
-from distnn.data import custom, pipeline, sources, transforms
+from distnn.data import custom, order, pipeline, sources, transforms
 from distnn.data.errors import Batch, DataErrors, PolicyLoader
-from distnn.data.order import EvalBatches, Key, ShardOrder, TrainBatches
+from distnn.data.order import Order, Spec
+from distnn.data.sources import MAX_PIXELS, Split, decode_rgb
 from distnn.data.transforms import EvalTransform, TrainTransform
 from distnn.errors import UserError, reason
 from distnn.parallel.env import Env
 
 
-class BatchReader(torch.utils.data.Dataset):
-    """Reads and collates a whole batch inside the worker: one IPC message per batch, not
-    per sample, and the result is already one uint8 tensor. Unreadable samples are left out
-    and reported, as ShardReader does, for `data.on_error` to decide about."""
+class Reader(torch.utils.data.Dataset):
+    """Reads, decodes, augments and collates a whole batch inside a worker (one IPC message per
+    batch, not per sample, and already one uint8 N × 3 × S × S tensor), for every source: the
+    one place that decodes. Unreadable samples are left out of the batch and reported, for
+    `data.on_error` to decide about (errors.PolicyLoader)."""
 
     def __init__(
-        self, split: sources.Split, transform: TrainTransform | EvalTransform, source: str
-    ) -> None:
+        self, split: Split, transform: TrainTransform | EvalTransform, source: str,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:  # fmt: skip
         self.split, self.transform, self.source = split, transform, source
+        self.max_pixels = max_pixels  # data.max_pixels travels to the workers with the reader
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, keys: list[Key]) -> Batch:
+    def __getitem__(self, spec: Spec) -> Batch:
+        epoch, batch = spec
         images, labels, indices, problems = [], [], [], []
-        for i, _ in keys:
+        for i in batch.tolist():
             try:
                 image, label = self.split.sample(i)
-            except Exception as e:  # a file that does not decode; a user's split may raise anything
-                problems.append(f"sample {i}: {reason(e)}")
+                if not isinstance(image, np.ndarray):
+                    image = decode_rgb(image, self.max_pixels)
+            except Exception as e:  # PIL alone raises OSError, SyntaxError, ValueError, zlib.error
+                problems.append(f"{self.split.where(i)}: {reason(e)}")
                 continue
-            images.append(image.permute(1, 2, 0).numpy())  # HWC, as the transforms take
+            images.append(image)
             labels.append(label)
             indices.append(i)
-        epoch = keys[0][1] if keys else 0  # the samplers give a batch's keys one epoch
         x = self.transform.batch(images, indices, epoch)
         return x, torch.tensor(labels, dtype=torch.int64), problems
 
-    def where(self, keys: list[Key]) -> str:
+    def where(self, spec: Spec) -> str:
         """What a batch reads, for a line about the batch as a whole."""
-        shown = ", ".join(str(i) for i, _ in keys[:4]) + (", …" if len(keys) > 4 else "")
-        return f"data.source={self.source} (samples {shown})"
+        batch = spec[1].tolist()
+        shown = ", ".join(dict.fromkeys(self.split.where(i) for i in batch[:4]))
+        return f"data.source={self.source} ({shown}{', …' if len(batch) > 4 else ''})"
 
 
 @dataclass
 class Loaders:
     train: PolicyLoader
     val: PolicyLoader
-    train_order: TrainBatches | ShardOrder
+    train_order: Order
     classes: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -71,14 +79,8 @@ class Loaders:
         return self.train_order.steps
 
 
-def _loader(
-    reader: BatchReader | pipeline.ShardReader,
-    order: TrainBatches | EvalBatches | ShardOrder,
-    cfg: Config,
-    pin: bool,
-    errors: DataErrors,
-    train: bool,
-) -> PolicyLoader:
+def _loader(reader: Reader, order: Order, cfg: Config, pin: bool, errors: DataErrors,
+            train: bool) -> PolicyLoader:  # fmt: skip
     """The DataLoader over a reader's whole batches, under `data.on_error` and, with workers,
     `data.timeout_s` (every source)."""
     workers = cfg.data.workers
@@ -99,11 +101,15 @@ def _loader(
     return PolicyLoader(loader, errors, cfg.data.on_error, train, timeout)
 
 
-def _dataset(cfg: Config, datasets: tuple[Any, Any] | None) -> sources.Dataset:
+def _dataset(cfg: Config, env: Env, datasets: tuple[Any, Any] | None) -> sources.Dataset:
+    """Every source as a Dataset of Splits: given in Python, shards, built-in, or an import path
+    (the package, not sources.py, knows them all: sources.py stays the leaf the others import)."""
     if datasets is not None:
         return custom.from_datasets(
             *datasets, cfg.model.num_classes, custom.PYTHON, cfg.data.max_pixels
         )
+    if cfg.data.source == "shards":
+        return pipeline.load(cfg.data, (env.local_rank, env.local_world_size))
     if cfg.data.source in sources.SOURCES:
         return sources.load(cfg.data)
     return custom.load(cfg.data, cfg.model.num_classes)
@@ -114,32 +120,38 @@ def build(
 ) -> Loaders:
     """The loaders of `cfg.data`, or of (train, val) map-style datasets given in Python."""
     cfg = for_world(cfg, env.world_size, env.local_world_size)  # as train() runs it
-    if cfg.data.source == "shards" and datasets is None:
-        return pipeline.build(cfg, env, pin_memory)
-    ds = _dataset(cfg, datasets)
-    order = TrainBatches(
-        len(ds.train),
-        cfg.train.batch_size,
-        env.world_size,
-        env.rank,
-        cfg.train.seed,
-        cfg.train.accum_steps,
-    )
-    if order.steps == 0:
-        global_batch = cfg.train.batch_size * env.world_size * cfg.train.accum_steps
+    d, t = cfg.data, cfg.train
+    ds = _dataset(cfg, env, datasets)
+    shape = (t.batch_size, env.world_size, env.rank, d.workers, t.seed)
+    train_order = order.for_split(ds.train, *shape, t.accum_steps, train=True)
+    if train_order.steps == 0:
+        global_batch = t.batch_size * env.world_size * t.accum_steps
         raise UserError(
-            f"{len(ds.train)} training samples make no full global batch of {global_batch} "
-            f"(train.batch_size × world size × train.accum_steps); lower train.batch_size"
+            f"{len(ds.train)} training samples of data.source={ds.name} make no full global "
+            f"batch of {global_batch} (train.batch_size × world size × train.accum_steps); "
+            "lower train.batch_size"
         )
-    train, val = transforms.for_config(cfg.data, cfg.train.seed, ds.mean)
-    train_reader = BatchReader(ds.train, train, ds.name)
-    val_reader = BatchReader(ds.val, val, ds.name)
-    val_order = EvalBatches(len(ds.val), cfg.train.batch_size, env.world_size, env.rank)
+    val_order = order.for_split(ds.val, *shape, train=False)
+    train, val = transforms.for_config(d, t.seed, ds.mean)
     errors = DataErrors()
     return Loaders(
-        train=_loader(train_reader, order, cfg, pin_memory, errors, train=True),
-        val=_loader(val_reader, val_order, cfg, pin_memory, errors, train=False),
-        train_order=order,
+        train=_loader(
+            Reader(ds.train, train, ds.name, d.max_pixels),
+            train_order,
+            cfg,
+            pin_memory,
+            errors,
+            train=True,
+        ),
+        val=_loader(
+            Reader(ds.val, val, ds.name, d.max_pixels),
+            val_order,
+            cfg,
+            pin_memory,
+            errors,
+            train=False,
+        ),
+        train_order=train_order,
         classes=ds.classes,
         mean=ds.mean,
         std=ds.std,

@@ -54,13 +54,16 @@ def to_chw(image: Any, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
 class DatasetSplit:
     """A user's map-style dataset as a Split: one `dataset[i]` per sample read."""
 
+    blocks = None
+
     def __init__(self, dataset: Any, num_classes: int, max_pixels: int = MAX_PIXELS) -> None:
         self.dataset, self.num_classes, self.max_pixels = dataset, num_classes, max_pixels
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def sample(self, i: int) -> tuple[torch.Tensor, int]:
+    def sample(self, i: int) -> tuple[np.ndarray, int]:
+        """H × W × 3 uint8 image and label of `dataset[i]`."""
         item = self.dataset[i]
         if not (isinstance(item, tuple | list) and len(item) == 2):
             raise SampleError(f"dataset[{i}] is not an (image, label) pair")
@@ -70,13 +73,10 @@ class DatasetSplit:
         k = self.num_classes
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < k:
             raise SampleError(f"label {label!r} is not a class index in 0..{k - 1}")
-        return to_chw(image, self.max_pixels), label
+        return to_chw(image, self.max_pixels).permute(1, 2, 0).numpy(), label
 
-    def image(self, i: int) -> torch.Tensor:
-        return self.sample(i)[0]
-
-    def label(self, i: int) -> int:
-        return self.sample(i)[1]
+    def where(self, i: int) -> str:
+        return f"sample {i}"
 
 
 def classes(train: Any, num_classes: int | None, source: str, option: str) -> list[str]:

@@ -25,13 +25,18 @@ batch (`batch_size × world`) and accum_steps are kept. An epoch is `steps` batc
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-Key = tuple[int, int]  # (sample index, epoch): the epoch seeds the sample's augmentation
-Spec = tuple[int, np.ndarray]  # (epoch, k × 3 int64 rows: shard, member, global index)
+if TYPE_CHECKING:
+    from distnn.data.sources import Split
+
+# What every order yields, one batch: (epoch, int64 sample indices); the epoch seeds the
+# samples' augmentation.
+Spec = tuple[int, np.ndarray]
 
 
 def train_steps(n: int, batch_size: int, world_size: int, accum_steps: int = 1) -> int:
@@ -40,7 +45,7 @@ def train_steps(n: int, batch_size: int, world_size: int, accum_steps: int = 1) 
     return n // (batch_size * world_size * accum_steps) * accum_steps
 
 
-class TrainBatches(Sampler[list[Key]]):
+class TrainBatches(Sampler[Spec]):
     """Epoch e's permutation comes from (seed, e). Rank r takes every world-th sample, so the
     union of all ranks' batch t is exactly batch t of a single process with world × the batch."""
 
@@ -60,27 +65,26 @@ class TrainBatches(Sampler[list[Key]]):
     def __len__(self) -> int:
         return self.steps - self.start
 
-    def __iter__(self) -> Iterator[list[Key]]:
+    def __iter__(self) -> Iterator[Spec]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        mine = torch.randperm(self.n, generator=g)[self.rank :: self.world_size].tolist()
+        mine = torch.randperm(self.n, generator=g)[self.rank :: self.world_size].numpy()
         for b in range(self.start, self.steps):
-            chunk = mine[b * self.batch_size : (b + 1) * self.batch_size]
-            yield [(i, self.epoch) for i in chunk]
+            yield self.epoch, mine[b * self.batch_size : (b + 1) * self.batch_size]
 
 
-class EvalBatches(Sampler[list[Key]]):
+class EvalBatches(Sampler[Spec]):
     """Sample i goes to rank i mod world: every sample is seen once, nothing is padded."""
 
     def __init__(self, n: int, batch_size: int, world_size: int, rank: int) -> None:
-        self.mine = list(range(rank, n, world_size))
+        self.mine = np.arange(rank, n, world_size, dtype=np.int64)
         self.batch_size = batch_size
 
     def __len__(self) -> int:
         return -(-len(self.mine) // self.batch_size)
 
-    def __iter__(self) -> Iterator[list[Key]]:
+    def __iter__(self) -> Iterator[Spec]:
         for b in range(0, len(self.mine), self.batch_size):
-            yield [(i, 0) for i in self.mine[b : b + self.batch_size]]
+            yield 0, self.mine[b : b + self.batch_size]
 
 
 class ShardOrder(Sampler[Spec]):
@@ -113,27 +117,30 @@ class ShardOrder(Sampler[Spec]):
     def __iter__(self) -> Iterator[Spec]:
         if not self.train:
             lo, hi = self._eval_span()
-            rows = self._rows(range(len(self.counts)), lo, hi)
+            indices = self._indices(range(len(self.counts)), lo, hi)
             for start, end in self._eval_ranges()[self.start :]:
-                yield self.epoch, rows[start - lo : end - lo]
+                yield self.epoch, indices[start - lo : end - lo]
             return
         # This rank's stream positions: every world-th one from lo (≡ rank) up to hi.
         per_batch = self.batch_size * self.world_size
         lo, hi = self.start * per_batch + self.rank, self.steps * per_batch
-        shards = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts))
-        pending = np.zeros((0, 3), dtype=np.int64)
-        for rows in self._chunks(shards.tolist(), lo, hi, self.world_size, self.epoch):
-            pending = np.concatenate([pending, rows])
+        pending = np.zeros(0, dtype=np.int64)
+        for indices in self._chunks(self._shards().tolist(), lo, hi, self.world_size, self.epoch):
+            pending = np.concatenate([pending, indices])
             full = len(pending) // self.batch_size * self.batch_size
             for b in range(0, full, self.batch_size):
                 yield self.epoch, pending[b : b + self.batch_size]
             pending = pending[full:]
 
+    def _shards(self) -> np.ndarray:
+        """The epoch's shards in stream order."""
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts))
+
     def _chunks(
         self, shards: Iterable[int], lo: int, hi: int, step: int = 1, epoch: int | None = None
     ) -> Iterator[np.ndarray]:
-        """(shard, member, global index) rows of stream positions lo, lo + step, … below hi, one
-        array per shard, in stream order; members permuted with (seed, epoch, shard) when an
+        """Sample indices at stream positions lo, lo + step, … below hi, one array per shard, in
+        stream order; members permuted with (seed, epoch, shard) when an
         epoch is given. Shards before lo cost a subtraction, none after hi is visited."""
         pos = 0
         for s in shards:
@@ -144,14 +151,14 @@ class ShardOrder(Sampler[Spec]):
                 m = np.arange(a, b, step)
                 if epoch is not None:
                     m = np.random.default_rng([self.seed, epoch, s]).permutation(count)[m]
-                yield np.stack([np.full(len(m), s), m, self.first[s] + m], axis=1)
+                yield self.first[s] + m
             pos += count
             if pos >= hi:
                 return
 
-    def _rows(self, shards: Iterable[int], lo: int, hi: int) -> np.ndarray:
-        rows = list(self._chunks(shards, lo, hi))
-        return np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
+    def _indices(self, shards: Iterable[int], lo: int, hi: int) -> np.ndarray:
+        chunks = list(self._chunks(shards, lo, hi))
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
     def _eval_span(self) -> tuple[int, int]:
         """This rank's [lo, hi) of the eval samples in manifest order."""
@@ -166,3 +173,19 @@ class ShardOrder(Sampler[Spec]):
         chunks = [[(i, min(i + b, end)) for i in range(start, end, b)] for start, end in slots]
         longest = max(len(c) for c in chunks)
         return [c[j] for j in range(longest) for c in chunks if j < len(c)]
+
+
+Order = TrainBatches | EvalBatches | ShardOrder
+
+
+def for_split(
+    split: Split, batch_size: int, world_size: int, rank: int, workers: int, seed: int,
+    accum_steps: int = 1, train: bool = True,
+) -> Order:  # fmt: skip
+    """The order of a split's samples: by blocks (shards) where it has them, else by index."""
+    if split.blocks is not None:
+        args = (batch_size, world_size, rank, workers, seed, accum_steps, train)
+        return ShardOrder(split.blocks, *args)
+    if train:
+        return TrainBatches(len(split), batch_size, world_size, rank, seed, accum_steps)
+    return EvalBatches(len(split), batch_size, world_size, rank)

@@ -126,8 +126,8 @@ def read(split: str, index: int, resize: int | None) -> tuple[Image.Image, int]:
     larger) and its label; raises for a sample the dataset cannot give."""
     if _BROKEN is not None:
         raise WorkerError(f"an encoding worker could not open the dataset: {_BROKEN}")
-    chw, label = _SPLITS[split].sample(index)
-    img = Image.fromarray(np.ascontiguousarray(chw.permute(1, 2, 0).numpy()))
+    hwc, label = _SPLITS[split].sample(index)
+    img = Image.fromarray(np.ascontiguousarray(hwc))
     w, h = img.size
     if resize is not None and min(w, h) > resize:  # as shard.encode resizes
         scale = resize / min(w, h)

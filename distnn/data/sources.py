@@ -23,16 +23,25 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")
 MAX_PIXELS: int = DataConfig.max_pixels
 
 
+Encoded = bytes | Path  # an image not yet decoded: its bytes, or its file
+
+
 class Split(Protocol):
+    """What every source gives the one Reader (data/__init__.py) and the one order (order.py).
+
+    `sample(i)`: sample i as encoded bytes or a file (the Reader decodes them) or an H × W × 3
+    uint8 array, and its label; raises for a sample that cannot be read (`data.on_error`).
+    `where(i)`: where sample i lives, for error lines. `blocks`: sample counts of runs of
+    consecutive indices read together (a shard's members), or None where any index is as cheap
+    to read as any other; the order keeps a block's samples together."""
+
+    blocks: list[int] | None
+
     def __len__(self) -> int: ...
 
-    def image(self, i: int) -> torch.Tensor:
-        """uint8 tensor, 3 × H × W."""
+    def sample(self, i: int) -> tuple[Encoded | np.ndarray, int]: ...
 
-    def label(self, i: int) -> int: ...
-
-    def sample(self, i: int) -> tuple[torch.Tensor, int]:
-        """(image, label): one read where the dataset yields both at once."""
+    def where(self, i: int) -> str: ...
 
 
 @dataclass
@@ -41,6 +50,7 @@ class ArraySplit:
 
     images: torch.Tensor  # N × 3 × H × W, uint8
     labels: torch.Tensor  # N, int64
+    blocks = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -51,8 +61,11 @@ class ArraySplit:
     def label(self, i: int) -> int:
         return int(self.labels[i])
 
-    def sample(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.image(i), self.label(i)
+    def sample(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i].permute(1, 2, 0).numpy(), self.label(i)
+
+    def where(self, i: int) -> str:
+        return f"sample {i}"
 
 
 @dataclass
@@ -62,6 +75,7 @@ class FileSplit:
     paths: list[Path]
     labels: list[int]
     max_pixels: int = MAX_PIXELS
+    blocks = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -72,8 +86,11 @@ class FileSplit:
     def label(self, i: int) -> int:
         return self.labels[i]
 
-    def sample(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.image(i), self.label(i)
+    def sample(self, i: int) -> tuple[Path, int]:
+        return self.paths[i], self.labels[i]
+
+    def where(self, i: int) -> str:
+        return f"image {str(self.paths[i])!r}"
 
 
 @dataclass
@@ -121,25 +138,30 @@ def open_image(source: bytes | Path, max_pixels: int) -> Image.Image:
     return img
 
 
-def decode(data: bytes | Path, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Encoded image (bytes or a file) → uint8 RGB tensor, 3 × H × W (PIL: maintained, every
-    format; torchvision.io's decoders are deprecated since 0.29)."""
-    with open_image(data, max_pixels) as img:
-        rgb = np.array(img.convert("RGB"))  # a writable copy, as torch wants
-    return torch.from_numpy(rgb).permute(2, 0, 1)
+def decode_rgb(data: Encoded, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The one decoder: encoded image (bytes or a file) → H × W × 3 uint8 RGB (PIL: maintained,
+    every format; torchvision.io's decoders are deprecated since 0.29). PIL reads a file as it
+    decodes: a file is never held whole. Raises SampleError for what PIL cannot identify."""
+    try:
+        with open_image(data, max_pixels) as img:
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    except UnidentifiedImageError:
+        # PIL's own message names the file's object; say what the data is instead.
+        empty = len(data) == 0 if isinstance(data, bytes) else Path(data).stat().st_size == 0
+        raise SampleError("empty file" if empty else "not an image format PIL reads") from None
+
+
+def decode(data: Encoded, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """decode_rgb as a 3 × H × W uint8 tensor (a writable copy, as torch wants)."""
+    return torch.from_numpy(np.array(decode_rgb(data, max_pixels))).permute(2, 0, 1)
 
 
 def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Decode an image file, or raise a UserError naming the file (`data.on_error` decides
-    whether a run skips it). PIL reads the file as it decodes: a file is never held whole."""
+    """Decode an image file, or raise a UserError naming the file."""
     try:
         return decode(Path(path), max_pixels)
-    except UnidentifiedImageError:
-        # PIL's own message names the file's object; say what the file is instead.
-        why = "empty file" if Path(path).stat().st_size == 0 else "not an image format PIL reads"
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
-        why = reason(e)
-    raise UserError(f"cannot read image {str(path)!r}: {why}")
+        raise UserError(f"cannot read image {str(path)!r}: {reason(e)}") from None
 
 
 # --- CIFAR (the official python-format batches) ---------------------------------------------
