@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,6 +122,27 @@ class DataConfig:
         "workers: no batch for this long ends the run in one line naming the shard being read "
         "(0: wait forever)",
     )
+    storage_options: dict[str, Any] = _f(
+        {},
+        "data.root as a URL: fsspec options the AWS environment and files cannot say "
+        "(data.storage_options.client_kwargs.region_name=...); secrets in it are never written",
+    )
+    cache_dir: str = _f(
+        "",
+        "data.root as a URL: node-local directory its shards are downloaded to (default: "
+        "$SLURM_TMPDIR, else $TMPDIR or /tmp, then distnn-cache)",
+    )
+    cache_limit: int = _f(
+        0,
+        "data.root as a URL: bytes the node's cache may hold (0: no limit); the shard needed "
+        "furthest ahead goes first",
+    )
+    prefetch_shards: int = _f(
+        4, "data.root as a URL: the shards of this many batches ahead download in the background"
+    )
+    retry_s: float = _f(
+        120.0, "data.root as a URL: how long failed reads are retried before the run stops"
+    )
     synthetic_train: int = _f(2048, "synthetic: training samples")
     synthetic_val: int = _f(512, "synthetic: validation samples")
     synthetic_classes: int = _f(10, "synthetic: number of classes")
@@ -140,6 +162,9 @@ class DataConfig:
             ("max_pixels", self.max_pixels, self.max_pixels >= 1, ">= 1"),
             ("max_shard_bytes", self.max_shard_bytes, self.max_shard_bytes >= 1, ">= 1"),
             ("timeout_s", self.timeout_s, self.timeout_s >= 0, ">= 0 (0: no timeout)"),
+            ("cache_limit", self.cache_limit, self.cache_limit >= 0, ">= 0 (0: no limit)"),
+            ("prefetch_shards", self.prefetch_shards, self.prefetch_shards >= 0, ">= 0"),
+            ("retry_s", self.retry_s, self.retry_s >= 0, ">= 0"),
         )  # fmt: skip
         for key, value, ok, valid in checks:
             if not ok:
@@ -491,7 +516,7 @@ def load(path: str | Path | Config | None = None, overrides: typing.Sequence[str
     every level."""
     tree: dict[str, Any] = {}
     if isinstance(path, Config):
-        tree = to_dict(path)
+        tree = dataclasses.asdict(path)
     elif path is not None:
         path = Path(path)
         if not path.is_file():
@@ -523,8 +548,22 @@ def _declared_type(dotted: str) -> Any:
     return tp
 
 
+# data.storage_options entries whose names say they hold a secret (s3fs: key, secret, token;
+# client_kwargs' aws_secret_access_key ...): never written to config.yaml, checkpoints or W&B.
+_SECRET = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+
+
+def _redacted(options: Any) -> Any:
+    if not isinstance(options, dict):
+        return options
+    return {k: "<redacted>" if _SECRET.search(str(k)) else _redacted(v) for k, v in options.items()}
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as it is written down (secrets in data.storage_options redacted)."""
+    tree = dataclasses.asdict(cfg)
+    tree["data"]["storage_options"] = _redacted(tree["data"]["storage_options"])
+    return tree
 
 
 def to_yaml(cfg: Config) -> str:

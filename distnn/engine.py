@@ -329,6 +329,7 @@ class Engine:
             # non-finite steps dropped, plus fp16 steps the loss scaler skipped
             "skipped_steps": self.meters.skipped + int(self.meters.overflows),
             "data_errors": self.loaders.errors.skipped,  # unreadable samples, this rank
+            **self.loaders.cache_counts(),  # remote shards: this node's downloads and hits
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)

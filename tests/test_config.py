@@ -23,11 +23,11 @@ def user_error(fn, *args) -> str:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
-    """{dotted key: value} for every leaf of a nested config dict, in order (a `kwargs`
-    mapping is one leaf: the builder's keyword arguments)."""
+    """{dotted key: value} for every leaf of a nested config dict, in order (a `kwargs` or
+    `storage_options` mapping is one leaf: keyword arguments of a builder or a client)."""
     flat = {}
     for name, value in tree.items():
-        if isinstance(value, dict) and name != "kwargs":
+        if isinstance(value, dict) and name not in ("kwargs", "storage_options"):
             flat.update(flatten(value, f"{prefix}{name}."))
         else:
             flat[f"{prefix}{name}"] = value

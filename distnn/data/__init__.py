@@ -7,11 +7,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
+from distnn import storage
 from distnn.config import Config, for_world
-from distnn.data import custom, order, pipeline, sources, transforms
-from distnn.data.errors import Batch, DataErrors, PolicyLoader
+from distnn.data import custom, fetch, order, pipeline, sources, transforms
+from distnn.data.errors import Batch, DataErrors, Fatal, PolicyLoader
 from distnn.data.order import Order, Spec
 from distnn.data.sources import MAX_PIXELS, Split, decode_rgb
 from distnn.data.transforms import EvalTransform, TrainTransform
@@ -43,6 +44,9 @@ class Reader(torch.utils.data.Dataset):
                 image, label = self.split.sample(i)
                 if not isinstance(image, np.ndarray):
                     image = decode_rgb(image, self.max_pixels)
+            except storage.Unreachable as e:
+                problems.append(Fatal(e))
+                break
             except Exception as e:  # PIL alone raises OSError, SyntaxError, ValueError, zlib.error
                 problems.append(f"{self.split.where(i)}: {reason(e)}")
                 continue
@@ -72,6 +76,17 @@ class Loaders:
     # Unreadable samples skipped so far on this rank (data.on_error=skip), train and val; the
     # default serves loaders that read nothing from disk (the benchmarks' in-memory batches).
     errors: DataErrors = field(default_factory=DataErrors)
+    # Remote shards: this node's cache, and where its ledger stood when the loaders were built.
+    cache: storage.Cache | None = None
+    ledger_start: int = 0
+
+    def cache_counts(self) -> dict[str, int]:
+        """Bytes this node has downloaded and cache hits since the loaders were built (remote
+        shards only): what the metrics log as cache_bytes and cache_hits."""
+        if self.cache is None:
+            return {}
+        downloaded, hits, _ = self.cache.counts(self.ledger_start)
+        return {"cache_bytes": downloaded, "cache_hits": hits}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -79,7 +94,7 @@ class Loaders:
         return self.train_order.steps
 
 
-def _loader(reader: Reader, order: Order, cfg: Config, pin: bool, errors: DataErrors,
+def _loader(reader: Reader, order: Sampler, cfg: Config, pin: bool, errors: DataErrors,
             train: bool) -> PolicyLoader:  # fmt: skip
     """The DataLoader over a reader's whole batches, under `data.on_error` and, with workers,
     `data.timeout_s` (every source)."""
@@ -134,10 +149,18 @@ def build(
     val_order = order.for_split(ds.val, *shape, train=False)
     train, val = transforms.for_config(d, t.seed, ds.mean)
     errors = DataErrors()
+    cache = getattr(ds.train, "files", None)
+    cache = cache if isinstance(cache, storage.Cache) else None
+    sampler: Sampler = train_order
+    if cache is not None and env.local_rank == 0 and isinstance(train_order, order.ShardOrder):
+        # Batches handed to workers and maybe still being read: workers × prefetch_factor.
+        behind = max(d.workers, 1) * (d.prefetch_factor if d.workers else 1) + 1
+        fetcher = fetch.Fetcher(ds.train, cache, d.prefetch_shards, d.cache_limit, behind)
+        sampler = fetch.Prefetching(train_order, fetcher)
     return Loaders(
         train=_loader(
             Reader(ds.train, train, ds.name, d.max_pixels),
-            train_order,
+            sampler,
             cfg,
             pin_memory,
             errors,
@@ -158,4 +181,6 @@ def build(
         train_size=len(ds.train),
         val_size=len(ds.val),
         errors=errors,
+        cache=cache,
+        ledger_start=cache.ledger_end() if cache is not None else 0,
     )

@@ -27,6 +27,12 @@ class SampleError(UserError):
     """A sample that cannot be read or decoded (what `data.on_error` decides about)."""
 
 
+class Fatal(str):
+    """A reader's problem line that ends the run whatever `data.on_error` says (storage that
+    stayed unreachable: every later batch would wait as long again). A str, so it travels back
+    from a worker in the batch's problems."""
+
+
 @dataclass
 class DataErrors:
     """Unreadable samples skipped on this rank (cumulative): what the monitor logs."""
@@ -73,6 +79,8 @@ class PolicyLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         last = None
         for x, y, problems in self._batches():
+            if fatal := next((p for p in problems if isinstance(p, Fatal)), None):
+                raise UserError(fatal)
             if problems:
                 if self.on_error == "raise":
                     raise UserError(f"{problems[0]} (data.on_error=skip skips such samples)")

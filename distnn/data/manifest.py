@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distnn import fsio
+from distnn import fsio, storage
 from distnn.data.sources import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from distnn.errors import UserError
 
@@ -42,7 +42,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class Manifest:
-    path: Path
+    path: Path | str  # a URL where the shards are remote
     dataset: str
     classes: list[str]
     splits: dict[str, list[Shard]]
@@ -51,7 +51,7 @@ class Manifest:
 
     @property
     def root(self) -> Path:
-        return self.path.parent
+        return Path(self.path).parent
 
     def split(self, name: str) -> list[Shard]:
         if name not in self.splits:
@@ -102,18 +102,37 @@ def _shard(entry: Any, where: str, path: Path) -> Shard:
     return Shard(file, count, **opt)
 
 
-def load(root: str | Path) -> Manifest:
-    """Read and check the schema of `root/manifest.json` (or `root` itself if it is a file)."""
-    path = Path(root)
+def _missing(path: Path | str) -> UserError:
+    return UserError(
+        f"no shard manifest at {str(path)!r}; make shards with "
+        "`python -m distnn.data.shard cifar10|cifar100|imagefolder|pkg.module:callable SRC OUT`"
+    )
+
+
+def _read(
+    root: str | Path, files: storage.Local | storage.Cache | None
+) -> tuple[Path | str, bytes]:
+    """The manifest's path (a URL for remote files) and bytes."""
+    if isinstance(files, storage.Cache):
+        url = files.remote.url(NAME)
+        try:
+            return storage.shown(url), files.read(NAME)
+        except FileNotFoundError:
+            raise _missing(storage.shown(url)) from None
+    path = storage.local_path(root)
     if path.is_dir() or not path.suffix:
         path = path / NAME
     if not path.is_file():
-        raise UserError(
-            f"no shard manifest at {str(path)!r}; make shards with "
-            "`python -m distnn.data.shard cifar10|cifar100|imagefolder|pkg.module:callable SRC OUT`"
-        )
+        raise _missing(path)
+    return path, path.read_bytes()
+
+
+def load(root: str | Path, files: storage.Local | storage.Cache | None = None) -> Manifest:
+    """Read and check the schema of `root/manifest.json` (or `root` itself if it is a file);
+    `files`: where a remote root's manifest is read (storage.files)."""
+    path, raw = _read(root, files)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"manifest {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -136,6 +136,18 @@ class ShardOrder(Sampler[Spec]):
         """The epoch's shards in stream order."""
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts))
 
+    def schedule(self) -> list[np.ndarray]:
+        """The shards each training batch of the epoch reads, from batch `start` on, in order:
+        what a remote cache fetches ahead and evicts by. A global batch is a run of the stream,
+        so these are the shards that run crosses: every rank's, and so the node's."""
+        per_batch = self.batch_size * self.world_size
+        shards = self._shards()
+        ends = np.cumsum(self.counts[shards])  # stream position after each shard
+        batches = np.arange(self.start, self.steps)
+        first = np.searchsorted(ends, batches * per_batch, side="right")
+        last = np.searchsorted(ends, (batches + 1) * per_batch - 1, side="right")
+        return [shards[a : b + 1] for a, b in zip(first.tolist(), last.tolist(), strict=True)]
+
     def _chunks(
         self, shards: Iterable[int], lo: int, hi: int, step: int = 1, epoch: int | None = None
     ) -> Iterator[np.ndarray]:

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from distnn import storage
 from distnn.config import DataConfig
 from distnn.data import manifest as mf
 from distnn.data.errors import SampleError
 from distnn.data.sources import Dataset
 from distnn.data.tars import scan_shard, stream_shard
+from distnn.errors import reason
 
 
 def _lru(cache: OrderedDict, key: Any, make: Any, keep: int) -> Any:
@@ -47,10 +49,10 @@ class ShardSplit:
     """The samples of a split's shards, in manifest order: a Split (sources.py)."""
 
     def __init__(
-        self, root: Path, shards: list[mf.Shard], classes: int,
+        self, files: storage.Local | storage.Cache, shards: list[mf.Shard], classes: int,
         max_shard_bytes: int = DataConfig.max_shard_bytes,
     ) -> None:  # fmt: skip
-        self.root, self.shards, self.classes = root, shards, classes
+        self.files, self.shards, self.classes = files, shards, classes
         self.max_bytes = max_shard_bytes  # travels to the workers with the split
         self.blocks = [s.count for s in shards]
         self.first = np.concatenate([[0], np.cumsum(self.blocks, dtype=np.int64)])
@@ -58,7 +60,8 @@ class ShardSplit:
 
     def _open(self) -> None:
         # Per process (the main one or a worker): open files, parsed indexes, scanned and
-        # streamed shards.
+        # streamed shards, and the remote shards that could not be fetched (tried once).
+        self._failed: dict[int, str] = {}
         self._files: OrderedDict = OrderedDict()
         self._indexes: OrderedDict = OrderedDict()
         self._scans: OrderedDict = OrderedDict()
@@ -66,7 +69,7 @@ class ShardSplit:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for k in ("_files", "_indexes", "_scans", "_streams"):
+        for k in ("_failed", "_files", "_indexes", "_scans", "_streams"):
             state.pop(k)
         return state
 
@@ -113,7 +116,16 @@ class ShardSplit:
         return data, label
 
     def _tar(self, s: int) -> Path:
-        return self.root / self.shards[s].file
+        """Shard s's local file, downloaded first where the shards are remote. A remote shard
+        that is missing or fails verification fails each of its samples, fetched once."""
+        if s in self._failed:
+            raise SampleError(self._failed[s])
+        shard = self.shards[s]
+        try:
+            return self.files.get(shard.file, shard.bytes, shard.sha256)
+        except (FileNotFoundError, storage.Unverified) as e:
+            self._failed[s] = reason(e)
+            raise SampleError(self._failed[s]) from None
 
     def _stream(self, s: int) -> tuple[list[dict], str | None]:
         return stream_shard(self._tar(s), self.max_bytes)
@@ -134,15 +146,20 @@ class ShardSplit:
         return sample, ext
 
     def _index(self, shard: mf.Shard, f: Any) -> list[list]:
-        return mf.read_index(self.root / shard.index, shard, os.fstat(f.fileno()).st_size)
+        path = self.files.get(shard.index)
+        return mf.read_index(path, shard, os.fstat(f.fileno()).st_size)
 
 
 def load(d: DataConfig, node: tuple[int, int] = (0, 1)) -> Dataset:
-    """The manifest at `d.root` as a Dataset of ShardSplits, checked (`d.verify`: this node's
-    part of the shards, `node` = (local rank, local world size))."""
-    m = mf.load(d.root)
+    """The manifest at `d.root` (a directory or a URL) as a Dataset of ShardSplits. Local
+    shards are checked here (`d.verify`: this node's part of them, `node` = (local rank, local
+    world size)); remote ones as each arrives in the node's cache (size and sha256)."""
+    files = storage.files(d.root, d.storage_options, d.retry_s, d.cache_dir)
+    m = mf.load(d.root, files)
     evaluate = m.eval_split()
-    mf.check(m, ["train", evaluate], d.verify, node)
+    if isinstance(files, storage.Local):
+        files = storage.Local(m.root)  # data.root may name the manifest itself
+        mf.check(m, ["train", evaluate], d.verify, node)
     k = len(m.classes)
-    train, val = (ShardSplit(m.root, m.split(s), k, d.max_shard_bytes) for s in ("train", evaluate))
+    train, val = (ShardSplit(files, m.split(s), k, d.max_shard_bytes) for s in ("train", evaluate))
     return Dataset("shards", train, val, m.classes, m.mean, m.std)
