@@ -29,6 +29,11 @@ def summarize(values: list[float]) -> dict:
     }
 
 
+def spread(summary: dict, fmt: str = ",.0f") -> str:
+    """A summary as `median (min – max)`."""
+    return f"{summary['median']:{fmt}} ({summary['min']:{fmt}} – {summary['max']:{fmt}})"
+
+
 def timed(run: Callable[[], int], repeats: int) -> dict:
     """Items/s of `run` (which returns how many items it processed): one warm-up pass, then
     `repeats` timed ones; median, min, max."""

@@ -61,12 +61,15 @@ def make_images(root: Path, ext: str, n: int, seed: int = 0) -> None:
         img.save(d / f"{i:06d}.{ext}", **({"quality": 90} if ext == "jpg" else {}))
 
 
-def shard_loader(root: Path, size: int, batch: int, workers: int) -> Callable[[], int]:
+def shard_loader(
+    root: Path | str, size: int, batch: int, workers: int, *extra: str
+) -> Callable[[], int]:
     from distnn import config, data
     from distnn.parallel.env import Env
 
     cfg = config.load(None, ["data.source=shards", f"data.root={root}", f"data.image_size={size}",
-                             f"data.workers={workers}", f"train.batch_size={batch}"])  # fmt: skip
+                             f"data.workers={workers}", f"train.batch_size={batch}",
+                             *extra])  # fmt: skip
     loaders = data.build(cfg, Env())
     epoch = iter(range(1_000_000))
 

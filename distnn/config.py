@@ -122,6 +122,11 @@ class DataConfig:
         "workers: no batch for this long ends the run in one line naming the shard being read "
         "(0: wait forever)",
     )
+    streams: int = _f(
+        1,
+        "shards: global batches drawn from this many streams of the epoch's shards, one run each "
+        "(a node reads only its streams' shards; 1: one stream, every rank reads every shard)",
+    )
     storage_options: dict[str, Any] = _f(
         {},
         "data.root as a URL: fsspec options the AWS environment and files cannot say "
@@ -162,6 +167,7 @@ class DataConfig:
             ("max_pixels", self.max_pixels, self.max_pixels >= 1, ">= 1"),
             ("max_shard_bytes", self.max_shard_bytes, self.max_shard_bytes >= 1, ">= 1"),
             ("timeout_s", self.timeout_s, self.timeout_s >= 0, ">= 0 (0: no timeout)"),
+            ("streams", self.streams, self.streams >= 1, ">= 1"),
             ("cache_limit", self.cache_limit, self.cache_limit >= 0, ">= 0 (0: no limit)"),
             ("prefetch_shards", self.prefetch_shards, self.prefetch_shards >= 0, ">= 0"),
             ("retry_s", self.retry_s, self.retry_s >= 0, ">= 0"),

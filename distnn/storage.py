@@ -135,6 +135,14 @@ class Remote:
         url = self.url(name)
         return retry(shown(url), lambda: self._fs().cat_file(url), self.retry_s)
 
+    def size(self, name: str) -> int | None:
+        """The file's size, or None where there is none."""
+        url = self.url(name)
+        try:
+            return int(retry(shown(url), lambda: self._fs().info(url), self.retry_s)["size"])
+        except FileNotFoundError:
+            return None
+
     def download(self, name: str, out: IO[bytes]) -> tuple[int, str]:
         """Copy the file into `out` (from its start again after a failure); its byte count
         and sha256."""
@@ -173,6 +181,23 @@ def files(root: str, options: dict[str, Any], retry_s: float, cache_dir: str = "
     if is_remote(root):
         return Cache(Remote(root, options, retry_s), cache_dir)
     return Local(root)
+
+
+def upload(directory: Path, root: str, options: dict[str, Any], retry_s: float) -> int:
+    """Put the files of a local `directory` (the sharder's output) under `root`, skipping those
+    already there at their size (a re-run resumes), manifest.json last: a reader never finds a
+    manifest naming shards not yet uploaded. The number of files put."""
+    remote = Remote(root, options, retry_s)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    files.sort(key=lambda p: p.name == "manifest.json")
+    put = 0
+    for path in files:
+        url = remote.url(path.name)
+        if remote.size(path.name) == path.stat().st_size and path.name != "manifest.json":
+            continue
+        retry(shown(url), lambda p=path, u=url: remote._fs().put_file(str(p), u), retry_s)
+        put += 1
+    return put
 
 
 def default_cache_dir() -> Path:

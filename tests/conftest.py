@@ -435,3 +435,17 @@ def assert_same_params(
 def assert_same_weights(run_dir: Path, reference: Path, rtol: float) -> None:
     """Two runs' final weights equal within rtol (atol rtol/10), parameter by parameter."""
     assert_same_params(final_weights(run_dir), final_weights(reference), rtol, atol=rtol / 10)
+
+
+def _digits_shards(path: Path) -> None:
+    from distnn.data import digits, shard
+
+    digits.write(path.parent / "digits-src")
+    # 150 samples a shard: 10 train shards and 3 val ones.
+    shard.main(["imagefolder", str(path.parent / "digits-src"), str(path), "--max-count=150"])
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """The bundled digits in shards of 150 (10 train, 3 val), made once per session."""
+    return shared(tmp_path_factory, "digits_shards_150", _digits_shards)

@@ -19,7 +19,7 @@ from distnn.data import manifest as mf
 from distnn.monitor import read_metrics
 from tests.cluster import free_port
 from tests.conftest import ROOT, assert_same_weights, run_cli, shared, torchrun
-from tests.object_store import HTTPServer, S3Server
+from tests.object_store import BUCKET, HTTPServer, S3Server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,19 +28,6 @@ RUN = ["--config", "configs/digits.yaml", "train.epochs=2", "train.log_every=1",
        "log.progress=off", "log.wandb.mode=disabled", "log.tensorboard=false",
        "ckpt.resume=never", "dist.timeout_s=60", "data.retry_s=30"]  # fmt: skip
 SECRET = "testing-secret"
-
-
-def _shards(path: Path) -> None:
-    from distnn.data import digits, shard
-
-    digits.write(path.parent / "digits-src")
-    # 150 samples a shard: 10 train shards and 3 val ones.
-    shard.main(["imagefolder", str(path.parent / "digits-src"), str(path), "--max-count=150"])
-
-
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory) -> Path:
-    return shared(tmp_path_factory, "digits_shards_150", _shards)
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +201,35 @@ def test_a_missing_remote_manifest_is_one_line(tmp_path, s3):
                 f"run.dir={tmp_path}", env=s3.env)  # fmt: skip
     assert r.returncode == 2
     assert "no shard manifest at" in r.stderr and "-nothing-here/manifest.json" in r.stderr
+
+
+def test_the_remote_throughput_benchmark_writes_its_table(tmp_path):
+    """benchmarks/remote_throughput.py, quick: its own S3 server, both sizes, 1 and 2 workers,
+    cold and warm, each against local disk (the figures are recorded by `make bench`)."""
+    r = run_cli("-m", "benchmarks.remote_throughput", "--quick", "--repeats=1",
+                f"--out={tmp_path}", timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "remote_throughput.json").read_text())["rows"]
+    assert len(rows) == 8 and all(row["local"]["median"] > 0 < row["ratio"] for row in rows)
+    assert "| ImageNet-like JPEG | warm | 2 |" in (tmp_path / "remote_throughput.md").read_text()
+
+
+def test_the_sharder_writes_to_s3_and_training_reads_that(tmp_path, s3, digits_shards, monkeypatch):
+    """`python -m distnn.data.shard ... s3://...`: staged locally, uploaded (manifest.json
+    last); a re-run uploads only the manifest; the loader reads the upload back."""
+    url = f"s3://{BUCKET}/resharded"
+    shard = ["-m", "distnn.data.shard", "imagefolder", str(digits_shards.parent / "digits-src"),
+             url, "--max-count=150", f"--staging={tmp_path / 'staging'}"]  # fmt: skip
+    r = run_cli(*shard, env=s3.env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{url}: 27 files uploaded" in r.stdout  # 13 shards, 13 indexes, the manifest
+    r = run_cli(*shard, env=s3.env, timeout=240)
+    assert f"{url}: 1 files uploaded" in r.stdout, r.stdout + r.stderr[-2000:]
+    local = mf.load(digits_shards)
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    remote = mf.load(url, storage.files(url, {}, 30, str(tmp_path / "cache")))
+    for split in local.splits:
+        assert [s.sha256 for s in remote.split(split)] == [s.sha256 for s in local.split(split)]
+    run = train_remote(tmp_path, "resharded", url, s3.env, "train.max_steps=3")
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3]

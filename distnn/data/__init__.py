@@ -15,6 +15,7 @@ from distnn.data import custom, fetch, order, pipeline, sources, transforms
 from distnn.data.errors import Batch, DataErrors, Fatal, PolicyLoader
 from distnn.data.order import Order, Spec
 from distnn.data.sources import MAX_PIXELS, Split, decode_rgb
+from distnn.data.streams import StreamOrder
 from distnn.data.transforms import EvalTransform, TrainTransform
 from distnn.errors import UserError, reason
 from distnn.parallel.env import Env
@@ -116,6 +117,22 @@ def _loader(reader: Reader, order: Sampler, cfg: Config, pin: bool, errors: Data
     return PolicyLoader(loader, errors, cfg.data.on_error, train, timeout)
 
 
+def _order(
+    split: Split, batch_size: int, world_size: int, rank: int, workers: int, seed: int,
+    accum_steps: int = 1, streams: int = 1, train: bool = True,
+) -> Order:  # fmt: skip
+    """The order of a split's samples: by blocks (shards; in `streams` streams when more than
+    one) where it has them, else by index."""
+    shape = (batch_size, world_size, rank, workers, seed, accum_steps)
+    if split.blocks is None:
+        if train:
+            return order.TrainBatches(len(split), batch_size, world_size, rank, seed, accum_steps)
+        return order.EvalBatches(len(split), batch_size, world_size, rank)
+    if train and streams > 1:
+        return StreamOrder(split.blocks, *shape, streams)
+    return order.ShardOrder(split.blocks, *shape, train)
+
+
 def _dataset(cfg: Config, env: Env, datasets: tuple[Any, Any] | None) -> sources.Dataset:
     """Every source as a Dataset of Splits: given in Python, shards, built-in, or an import path
     (the package, not sources.py, knows them all: sources.py stays the leaf the others import)."""
@@ -138,7 +155,7 @@ def build(
     d, t = cfg.data, cfg.train
     ds = _dataset(cfg, env, datasets)
     shape = (t.batch_size, env.world_size, env.rank, d.workers, t.seed)
-    train_order = order.for_split(ds.train, *shape, t.accum_steps, train=True)
+    train_order = _order(ds.train, *shape, t.accum_steps, d.streams)
     if train_order.steps == 0:
         global_batch = t.batch_size * env.world_size * t.accum_steps
         raise UserError(
@@ -146,7 +163,7 @@ def build(
             f"batch of {global_batch} (train.batch_size × world size × train.accum_steps); "
             "lower train.batch_size"
         )
-    val_order = order.for_split(ds.val, *shape, train=False)
+    val_order = _order(ds.val, *shape, train=False)
     train, val = transforms.for_config(d, t.seed, ds.mean)
     errors = DataErrors()
     cache = getattr(ds.train, "files", None)
@@ -156,7 +173,8 @@ def build(
         # Batches handed to workers and maybe still being read: workers × prefetch_factor.
         behind = max(d.workers, 1) * (d.prefetch_factor if d.workers else 1) + 1
         fetcher = fetch.Fetcher(ds.train, cache, d.prefetch_shards, d.cache_limit, behind)
-        sampler = fetch.Prefetching(train_order, fetcher)
+        node = range(env.rank - env.local_rank, env.rank - env.local_rank + env.local_world_size)
+        sampler = fetch.Prefetching(train_order, fetcher, node)
     return Loaders(
         train=_loader(
             Reader(ds.train, train, ds.name, d.max_pixels),

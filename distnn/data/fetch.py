@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -135,14 +135,14 @@ class Prefetching(Sampler[Spec]):
     """A shard order that tells the fetcher where the DataLoader has got to; it yields what
     the order yields."""
 
-    def __init__(self, order: ShardOrder, fetcher: Fetcher) -> None:
-        self.order, self.fetcher = order, fetcher
+    def __init__(self, order: ShardOrder, fetcher: Fetcher, node: Sequence[int]) -> None:
+        self.order, self.fetcher, self.node = order, fetcher, node  # node: its ranks
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __iter__(self) -> Iterator[Spec]:
-        self.fetcher.begin(self.order.schedule())
+        self.fetcher.begin(self.order.schedule(self.node))
         for k, spec in enumerate(self.order):
             self.fetcher.at(k)
             yield spec

@@ -24,15 +24,11 @@ batch (`batch_size × world`) and accum_steps are kept. An epoch is `steps` batc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
-
-if TYPE_CHECKING:
-    from distnn.data.sources import Split
 
 # What every order yields, one batch: (epoch, int64 sample indices); the epoch seeds the
 # samples' augmentation.
@@ -136,10 +132,11 @@ class ShardOrder(Sampler[Spec]):
         """The epoch's shards in stream order."""
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts))
 
-    def schedule(self) -> list[np.ndarray]:
-        """The shards each training batch of the epoch reads, from batch `start` on, in order:
-        what a remote cache fetches ahead and evicts by. A global batch is a run of the stream,
-        so these are the shards that run crosses: every rank's, and so the node's."""
+    def schedule(self, ranks: Sequence[int] = (0,)) -> list[np.ndarray]:
+        """The shards that `ranks` (a node's) read in each training batch of the epoch, from
+        batch `start` on, in order: what a remote cache fetches ahead and evicts by. A global
+        batch is a run of the stream, every rank reading a share of each of its shards: these
+        are the shards that run crosses, whichever the ranks."""
         per_batch = self.batch_size * self.world_size
         shards = self._shards()
         ends = np.cumsum(self.counts[shards])  # stream position after each shard
@@ -188,16 +185,3 @@ class ShardOrder(Sampler[Spec]):
 
 
 Order = TrainBatches | EvalBatches | ShardOrder
-
-
-def for_split(
-    split: Split, batch_size: int, world_size: int, rank: int, workers: int, seed: int,
-    accum_steps: int = 1, train: bool = True,
-) -> Order:  # fmt: skip
-    """The order of a split's samples: by blocks (shards) where it has them, else by index."""
-    if split.blocks is not None:
-        args = (batch_size, world_size, rank, workers, seed, accum_steps, train)
-        return ShardOrder(split.blocks, *args)
-    if train:
-        return TrainBatches(len(split), batch_size, world_size, rank, seed, accum_steps)
-    return EvalBatches(len(split), batch_size, world_size, rank)

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from distnn import storage
+from distnn.config import DataConfig
 from distnn.data import manifest as mf
 from distnn.data import shard_custom
 from distnn.data.sources import (
@@ -79,8 +81,6 @@ class Options:
 
 
 def collect_cifar(name: str, src: Path) -> tuple[list[str], dict[str, list[Item]]]:
-    from distnn.config import DataConfig
-
     if not (cifar_dir(name, src) / ("batches.meta" if name == "cifar10" else "meta")).is_file():
         raise UserError(f"no {name} python-format data in {str(src)!r}")
     ds = load_cifar(name, DataConfig(source=name, root=str(src)))
@@ -338,7 +338,12 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("kind", help=f"{' | '.join(KINDS)} | pkg.module:callable")
     p.add_argument("src", help="the dataset directory; a callable's root= (any string)")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", help="output directory, or a URL (s3://bucket/prefix, ...) to upload to")
+    p.add_argument(
+        "--staging",
+        type=Path,
+        help="a URL out's local copy, kept for re-runs (default: in the node's cache)",
+    )
     p.add_argument("--max-count", type=int, default=5000, help="samples per shard at most")
     p.add_argument("--max-size", default="256M", help="bytes per shard at most (256M, 1G, ...)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before writing")
@@ -352,9 +357,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="a callable's dataset without `classes`: classes named 0..K-1")  # fmt: skip
     args = p.parse_args(argv)
     command = shlex.join(["python", "-m", "distnn.data.shard", *(argv or sys.argv[1:])])
-    shard(args.kind, args.src, args.out, args.max_count, parse_size(args.max_size), args.seed,
-          args.workers, args.resize, args.quality, args.strict, command,
-          kwargs=shard_custom.parse_kwargs(args.kwarg), num_classes=args.num_classes)  # fmt: skip
+    remote = storage.is_remote(args.out)
+    out = storage.local_path(args.out)
+    if remote:  # written here first, then uploaded
+        key = hashlib.sha256(args.out.encode()).hexdigest()[:16]
+        out = args.staging or storage.default_cache_dir() / "staging" / key
+    shard(args.kind, args.src, out, args.max_count,
+          parse_size(args.max_size), args.seed, args.workers, args.resize, args.quality,
+          args.strict, command, kwargs=shard_custom.parse_kwargs(args.kwarg),
+          num_classes=args.num_classes)  # fmt: skip
+    if remote:
+        # The AWS environment and files say how (as for training); data.retry_s's default.
+        put = storage.upload(out, args.out, {}, DataConfig.retry_s)
+        print(f"{args.out}: {put} files uploaded from {out}")
 
 
 if __name__ == "__main__":
