@@ -23,6 +23,8 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shlex
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +40,7 @@ T = TypeVar("T")
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 CHUNK = 4 << 20
 LEDGER = ".ledger"
+PIPE = "pipe:"
 # A client's own retries would multiply distnn's (retry_s is the one deadline): one attempt per
 # call, with timeouts that bound it. data.storage_options may say otherwise.
 CLIENT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -64,8 +67,9 @@ def is_url(path: str | Path) -> bool:
 
 
 def is_remote(path: str | Path) -> bool:
-    """A URL whose bytes are outside this machine (anything but file://)."""
-    return is_url(path) and urlsplit(str(path)).scheme != "file"
+    """A URL whose bytes are outside this machine (anything but file://), or a `pipe:`."""
+    text = str(path)
+    return text.startswith(PIPE) or (is_url(text) and urlsplit(text).scheme != "file")
 
 
 def local_path(path: str | Path) -> Path:
@@ -131,9 +135,19 @@ class Remote:
     def url(self, name: str) -> str:
         return f"{self.root}/{name}"
 
+    def _stream(self, name: str, sink: Callable[[bytes], object]) -> None:
+        """The file's bytes, block by block, into sink."""
+        with self._fs().open(self.url(name), "rb", block_size=CHUNK) as f:
+            while block := f.read(CHUNK):
+                sink(block)
+
     def read(self, name: str) -> bytes:
-        url = self.url(name)
-        return retry(shown(url), lambda: self._fs().cat_file(url), self.retry_s)
+        def collect() -> bytes:
+            blocks: list[bytes] = []
+            self._stream(name, blocks.append)
+            return b"".join(blocks)
+
+        return retry(shown(self.url(name)), collect, self.retry_s)
 
     def size(self, name: str) -> int | None:
         """The file's size, or None where there is none."""
@@ -146,20 +160,20 @@ class Remote:
     def download(self, name: str, out: IO[bytes]) -> tuple[int, str]:
         """Copy the file into `out` (from its start again after a failure); its byte count
         and sha256."""
-        url = self.url(name)
 
         def copy() -> tuple[int, str]:
             out.seek(0)
             out.truncate()
-            digest, n = hashlib.sha256(), 0
-            with self._fs().open(url, "rb", block_size=CHUNK) as f:
-                while block := f.read(CHUNK):
-                    out.write(block)
-                    digest.update(block)
-                    n += len(block)
-            return n, digest.hexdigest()
+            digest = hashlib.sha256()
 
-        return retry(shown(url), copy, self.retry_s)
+            def sink(block: bytes) -> None:
+                out.write(block)
+                digest.update(block)
+
+            self._stream(name, sink)
+            return out.tell(), digest.hexdigest()
+
+        return retry(shown(self.url(name)), copy, self.retry_s)
 
 
 class Local:
@@ -179,14 +193,38 @@ def files(root: str, options: dict[str, Any], retry_s: float, cache_dir: str = "
     """The files under `root`: a local directory (a path or file://) as it is, a remote URL
     through this node's cache."""
     if is_remote(root):
-        return Cache(Remote(root, options, retry_s), cache_dir)
+        remote = (Pipe if root.startswith(PIPE) else Remote)(root, options, retry_s)
+        return Cache(remote, cache_dir)
     return Local(root)
+
+
+class Pipe(Remote):
+    """`pipe:COMMAND`, as webdataset has it, for a user's own tool: COMMAND with `{}` replaced
+    by a file's name writes that file to stdout (`pipe:aws s3 cp s3://bucket/data/{} -`,
+    `pipe:curl -sf https://host/data/{}`). A failing command is retried as a failed read."""
+
+    def url(self, name: str) -> str:
+        return self.root.replace("{}", name)
+
+    def _stream(self, name: str, sink: Callable[[bytes], object]) -> None:
+        command = self.root[len(PIPE) :].replace("{}", shlex.quote(name))
+        with tempfile.TemporaryFile() as err:  # a file: a chatty command never blocks on it
+            with subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=err) as p:
+                assert p.stdout is not None
+                while block := p.stdout.read(CHUNK):
+                    sink(block)
+            if p.returncode != 0:
+                err.seek(0)
+                why = err.read().decode(errors="replace").strip().splitlines()[-1:] or [""]
+                raise OSError(f"{command!r} exited with {p.returncode}: {why[0]}")
 
 
 def upload(directory: Path, root: str, options: dict[str, Any], retry_s: float) -> int:
     """Put the files of a local `directory` (the sharder's output) under `root`, skipping those
     already there at their size (a re-run resumes), manifest.json last: a reader never finds a
     manifest naming shards not yet uploaded. The number of files put."""
+    if root.startswith(PIPE):
+        raise UserError(f"{root!r}: a pipe: URL is read-only; write to a directory or a URL")
     remote = Remote(root, options, retry_s)
     files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
     files.sort(key=lambda p: p.name == "manifest.json")

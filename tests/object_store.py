@@ -3,15 +3,19 @@
 S3: moto's server (`python -m moto.server`, from `moto[server]`), an HTTP implementation of
 the S3 API, reached by the real clients (s3fs, boto3) through the standard AWS_* environment
 variables, as users reach theirs. It keeps objects in memory: a restarted server is empty, so
-`S3Server.restart` uploads the same files again. HTTP: Python's `http.server` serving a
-directory (whole-file GETs are all a remote shard needs).
+`S3Server.restart` uploads the same files again, and the clients reach it through `Gate`, a
+TCP forwarder that stays closed (connections refused, as from a stopped server) until the
+upload is done: a client never sees the empty bucket a real store's restart would not show.
+HTTP: Python's `http.server` serving a directory (whole-file GETs are all a shard needs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -61,16 +65,72 @@ class Server:
                 self.proc.wait()
 
 
-class S3Server(Server):
-    """moto's S3 server holding the files of `source` under s3://BUCKET/`prefix`/."""
+class Gate:
+    """127.0.0.1:`port` forwarded to `backend`'s port while open; closed, connections to it
+    are refused and the open ones reset."""
 
-    def __init__(self, log: Path, source: Path, prefix: str) -> None:
+    def __init__(self, backend: int) -> None:
+        self.backend, self.port = backend, free_port()
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self.open()
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for conn in self._open:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.backend))
+            except OSError:
+                client.close()
+                continue
+            self._open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    for conn in (source, sink):
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+
+
+class S3Server(Server):
+    """moto's S3 server holding the files of `source` under s3://BUCKET/`prefix`/, reached by
+    the clients through a Gate unless `gated` is false."""
+
+    def __init__(self, log: Path, source: Path, prefix: str, gated: bool = True) -> None:
         self.source, self.prefix = source, prefix
         port = free_port()
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
         super().__init__(cmd, port, log)
+        # Ungated (the benchmark: no forwarder in the way), a restart shows the empty bucket.
+        self.gate = Gate(port) if gated else None
+        endpoint = port if self.gate is None else self.gate.port
         self.env = {
-            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{endpoint}",
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing-secret",
             "AWS_DEFAULT_REGION": "us-east-1",
@@ -93,10 +153,18 @@ class S3Server(Server):
         for path in sorted(self.source.iterdir()):
             s3.upload_file(str(path), BUCKET, f"{self.prefix}/{path.name}")
 
+    def stop(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
+        super().stop()
+
     def restart(self) -> None:
-        """Start again on the same port with the same files (moto keeps nothing)."""
+        """Start again with the same files (moto keeps nothing), open to the clients once they
+        are uploaded."""
         self.start()
         self.upload()
+        if self.gate is not None:
+            self.gate.open()
 
 
 class HTTPServer(Server):

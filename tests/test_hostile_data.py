@@ -321,3 +321,15 @@ def test_stuck_worker_of_a_python_dataset_names_the_source(tmp_path, make_cfg):
         release(fifo)
     line = str(info.value)
     assert "data.source=python (sample " in line and "data.timeout_s" in line
+
+
+@pytest.mark.parametrize("key", ["file", "index"])
+def test_a_manifest_naming_a_file_outside_its_directory_is_refused(tmp_path, digits_shards, key):
+    """A remote shard's names become files in the node's cache: `../x` would write outside it."""
+    from distnn.data import manifest as mf
+
+    doc = json.loads((digits_shards / "manifest.json").read_text())
+    doc["splits"]["train"]["shards"][0][key] = "../escape.json"
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=r"split 'train' shard 0 has a bad file .*\.\./escape"):
+        mf.load(tmp_path)

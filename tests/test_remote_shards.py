@@ -233,3 +233,10 @@ def test_the_sharder_writes_to_s3_and_training_reads_that(tmp_path, s3, digits_s
         assert [s.sha256 for s in remote.split(split)] == [s.sha256 for s in local.split(split)]
     run = train_remote(tmp_path, "resharded", url, s3.env, "train.max_steps=3")
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3]
+
+
+def test_a_pipe_url_reads_through_the_users_own_command(tmp_path, digits_shards, reference):
+    """`data.root=pipe:COMMAND` as webdataset has it: `{}` is each file's name."""
+    run = train_remote(tmp_path, "pipe", f"pipe:cat {digits_shards}/{{}}", {})
+    assert_same_weights(run, reference, rtol=1e-6)
+    assert set(downloads(tmp_path / "cache", f"pipe:cat {digits_shards}/{{}}").values()) == {1}

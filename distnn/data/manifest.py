@@ -96,9 +96,11 @@ def _kind(kind: type | tuple[type, ...]) -> str:
 def _shard(entry: Any, where: str, path: Path) -> Shard:
     file = _need(entry, "file", str, where, path)
     count = _need(entry, "count", int, where, path)
-    if count < 0 or "/" in file or file in ("", ".", ".."):
-        raise UserError(f"manifest {path}: {where} has a bad file {file!r} or count {count}")
     opt = {k: entry.get(k) for k in ("bytes", "sha256", "index")}
+    # Names inside the shards' directory only: a remote one becomes a file in the node's cache.
+    names = [file] if opt["index"] is None else [file, opt["index"]]
+    if count < 0 or any(not isinstance(n, str) or "/" in n or n in ("", ".", "..") for n in names):
+        raise UserError(f"manifest {path}: {where} has a bad file {names!r} or count {count}")
     return Shard(file, count, **opt)
 
 
