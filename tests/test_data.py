@@ -190,6 +190,30 @@ def test_imagefolder_corrupt_file_names_it(tmp_path, make_cfg):
     assert all(ds.train.image(j).shape[0] == 3 for j in range(len(ds.train)) if j != i)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_name_their_samples_with_indices(tmp_path, make_cfg, workers):
+    """data.build(indices=True): each batch says which samples it holds (what prediction over
+    a dataset writes out): unreadable ones are not among them, and two ranks' eval batches name
+    every sample once."""
+    bad = write_bad_imagefolder(tmp_path)
+    cfg = make_cfg("data.source=imagefolder", f"data.root={tmp_path}", "data.image_size=16",
+                   "train.batch_size=5", f"data.workers={workers}")  # fmt: skip
+    ds = sources.load(cfg.data)
+    bad_index = {ds.train.paths.index(p) for p in bad}
+    loaders = data.build(cfg, Env(), indices=True)
+    seen = []
+    for x, y, index in loaders.train:
+        assert len(x) == len(y) == len(index)
+        assert y.tolist() == [ds.train.labels[i] for i in index.tolist()]
+        seen += index.tolist()
+    assert len(seen) == len(set(seen)) == 18 and not bad_index & set(seen)
+    val = []
+    for rank in range(2):
+        ranked = data.build(cfg, Env(rank=rank, world_size=2), indices=True)
+        val += [i for _, _, index in ranked.val for i in index.tolist()]
+    assert sorted(val) == list(range(len(ds.val)))
+
+
 def write_bad_imagefolder(root) -> list:
     """An ImageFolder of 20 training images (12 × 20 px) and 3 val ones, two of the training
     files unreadable: a zero-byte PNG and a text file named .jpg."""
@@ -234,15 +258,16 @@ def test_imagefolder_unreadable_files_are_skipped_and_counted(tmp_path, make_cfg
 
 
 def test_a_batch_with_no_readable_sample():
-    x, y = torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([1, 2])
-    good = (x, y, [])
-    empty = (x[:0], y[:0], ["sample 7: bad", "sample 8: bad"])
+    x, y, i = torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([1, 2]), torch.tensor([5, 6])
+    good = (x, y, [], i)
+    empty = (x[:0], y[:0], ["sample 7: bad", "sample 8: bad"], i[:0])
     errors = DataErrors()
-    train = list(PolicyLoader([good, empty, good], errors, "skip", train=True))
+    train = list(PolicyLoader([good, empty, good], errors, "skip", train=True, indices=True))
     # Training repeats the last good batch, so every rank keeps the same number of steps.
-    assert len(train) == 3 and all(torch.equal(b, y) for _, b in train)
+    assert len(train) == 3 and all(torch.equal(b, y) and torch.equal(j, i) for _, b, j in train)
     assert errors.skipped == 2 and errors.last == "sample 8: bad"
     assert len(list(PolicyLoader([good, empty, good], DataErrors(), "skip", train=False))) == 2
+    assert all(len(batch) == 2 for batch in PolicyLoader([good], DataErrors(), "skip", True))
     first = PolicyLoader([empty, good], DataErrors(), "skip", train=True)
     assert "sample 7" in user_error(lambda: list(first))
 

@@ -55,7 +55,8 @@ class Reader(torch.utils.data.Dataset):
             labels.append(label)
             indices.append(i)
         x = self.transform.batch(images, indices, epoch)
-        return x, torch.tensor(labels, dtype=torch.int64), problems
+        y, read = (torch.tensor(v, dtype=torch.int64) for v in (labels, indices))
+        return x, y, problems, read
 
     def where(self, spec: Spec) -> str:
         """What a batch reads, for a line about the batch as a whole."""
@@ -96,9 +97,9 @@ class Loaders:
 
 
 def _loader(reader: Reader, order: Sampler, cfg: Config, pin: bool, errors: DataErrors,
-            train: bool) -> PolicyLoader:  # fmt: skip
+            train: bool, indices: bool) -> PolicyLoader:  # fmt: skip
     """The DataLoader over a reader's whole batches, under `data.on_error` and, with workers,
-    `data.timeout_s` (every source)."""
+    `data.timeout_s` (every source); with `indices`, each batch's sample indices too."""
     workers = cfg.data.workers
     timeout = cfg.data.timeout_s if workers > 0 else 0  # torch's timeout needs workers
     loader = DataLoader(
@@ -114,7 +115,7 @@ def _loader(reader: Reader, order: Sampler, cfg: Config, pin: bool, errors: Data
         generator=torch.Generator().manual_seed(cfg.train.seed),
         timeout=timeout,
     )
-    return PolicyLoader(loader, errors, cfg.data.on_error, train, timeout)
+    return PolicyLoader(loader, errors, cfg.data.on_error, train, timeout, indices)
 
 
 def _order(
@@ -148,9 +149,14 @@ def _dataset(cfg: Config, env: Env, datasets: tuple[Any, Any] | None) -> sources
 
 
 def build(
-    cfg: Config, env: Env, pin_memory: bool = False, datasets: tuple[Any, Any] | None = None
+    cfg: Config,
+    env: Env,
+    pin_memory: bool = False,
+    datasets: tuple[Any, Any] | None = None,
+    indices: bool = False,
 ) -> Loaders:
-    """The loaders of `cfg.data`, or of (train, val) map-style datasets given in Python."""
+    """The loaders of `cfg.data`, or of (train, val) map-style datasets given in Python; with
+    `indices`, they yield (images, labels, sample indices): which samples a batch holds."""
     cfg = for_world(cfg, env.world_size, env.local_world_size)  # as train() runs it
     d, t = cfg.data, cfg.train
     ds = _dataset(cfg, env, datasets)
@@ -183,6 +189,7 @@ def build(
             pin_memory,
             errors,
             train=True,
+            indices=indices,
         ),
         val=_loader(
             Reader(ds.val, val, ds.name, d.max_pixels),
@@ -191,6 +198,7 @@ def build(
             pin_memory,
             errors,
             train=False,
+            indices=indices,
         ),
         train_order=train_order,
         classes=ds.classes,

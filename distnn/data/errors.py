@@ -18,9 +18,9 @@ from distnn.errors import UserError
 
 log = logging.getLogger("distnn.data")
 
-# What a reader's __getitem__ returns: uint8 images and labels of the samples it could read,
-# and one line for each sample it left out.
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+# What a reader's __getitem__ returns: uint8 images, labels and sample indices of the samples
+# it could read, and one line for each sample it left out.
+Batch = tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]
 
 
 class SampleError(UserError):
@@ -54,9 +54,10 @@ class DataErrors:
 class PolicyLoader:
     """A DataLoader over a reader that yields `Batch`es, plus the error policy, applied in the
     main process so a `raise` is one clean line, not a worker traceback. Yields (uint8 images,
-    labels) like a plain DataLoader. `timeout_s`: the DataLoader's own `timeout` (workers only),
-    whose RuntimeError becomes a UserError naming what the late batch reads (its dataset's
-    `where(batch)`, the batch as its sampler yields it)."""
+    labels) like a plain DataLoader; with `indices`, (images, labels, sample indices).
+    `timeout_s`: the DataLoader's own `timeout` (workers only), whose RuntimeError becomes a
+    UserError naming what the late batch reads (its dataset's `where(batch)`, the batch as its
+    sampler yields it)."""
 
     def __init__(
         self,
@@ -65,9 +66,10 @@ class PolicyLoader:
         on_error: Literal["skip", "raise"],
         train: bool,
         timeout_s: float = 0,
+        indices: bool = False,
     ) -> None:
         self.loader, self.errors, self.on_error, self.train = loader, errors, on_error, train
-        self.timeout_s = timeout_s
+        self.timeout_s, self.indices = timeout_s, indices
 
     @property
     def num_workers(self) -> int:
@@ -76,9 +78,9 @@ class PolicyLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         last = None
-        for x, y, problems in self._batches():
+        for x, y, problems, index in self._batches():
             if fatal := next((p for p in problems if isinstance(p, Fatal)), None):
                 raise UserError(fatal)
             if problems:
@@ -90,9 +92,9 @@ class PolicyLoader:
                     continue  # evaluation counts the samples it read; nothing to repeat
                 if last is None:
                     raise UserError(f"no readable sample in the first batch: {problems[0]}")
-                x, y = last  # repeat the last good batch: every rank keeps the same step count
-            last = (x, y)
-            yield x, y
+                x, y, index = last  # repeat the last good batch: every rank keeps its steps
+            last = (x, y, index)
+            yield (x, y, index) if self.indices else (x, y)
 
     def _batches(self) -> Iterator[Batch]:
         """The loader's batches; its timeout as one line naming the late batch's reads."""
