@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from distnn import storage
 from distnn.errors import UserError
 from distnn.imports import is_import_path
 
@@ -554,8 +555,9 @@ def _declared_type(dotted: str) -> Any:
     return tp
 
 
-# data.storage_options entries whose names say they hold a secret (s3fs: key, secret, token;
-# client_kwargs' aws_secret_access_key ...): never written to config.yaml, checkpoints or W&B.
+# data.root's user:password@, and data.storage_options entries whose names say they hold a
+# secret (s3fs: key, secret, token; client_kwargs' aws_secret_access_key ...): never written to
+# config.yaml, checkpoints or W&B.
 _SECRET = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
 
 
@@ -569,6 +571,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     """The config as it is written down (secrets in data.storage_options redacted)."""
     tree = dataclasses.asdict(cfg)
     tree["data"]["storage_options"] = _redacted(tree["data"]["storage_options"])
+    tree["data"]["root"] = storage.shown(tree["data"]["root"])  # no user:password@
     return tree
 
 

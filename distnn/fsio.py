@@ -21,6 +21,35 @@ from distnn.errors import UserError
 # Free space below which a write that failed without an errno is taken for a full disk.
 FULL_BYTES = 1 << 20
 
+# Descriptors of the file locks this process holds. A forked child (a DataLoader worker) closes
+# its copies at once: a copy keeps the lock held after the parent lets go, so a SIGKILLed job's
+# run directory would stay locked, and a cache file's lock would be held forever.
+_locks: set[int] = set()
+
+
+def _close_locks() -> None:
+    for fd in _locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks)
+
+
+@contextlib.contextmanager
+def lock_held(fd: int) -> Iterator[None]:
+    """Within the block, `fd` (holding a lock) is closed in children forked meanwhile; after it,
+    fd is closed here too, which lets the lock go."""
+    owner = os.getpid()
+    _locks.add(fd)
+    try:
+        yield
+    finally:
+        if os.getpid() == owner:  # a forked child closed its copy when it was forked
+            _locks.discard(fd)
+            os.close(fd)
+
 
 def temp_path(path: Path) -> Path:
     """A fresh name to write `path` under until it is complete: unique per writer, so two

@@ -23,21 +23,6 @@ from pathlib import Path
 from distnn import fsio
 from distnn.errors import UserError, reason
 
-# Descriptors of the locks this process holds. A forked child (a DataLoader worker) closes its
-# copies at once: it would otherwise keep a SIGKILLed job's lock alive until it noticed its
-# parent had gone.
-_held: set[int] = set()
-
-
-def _close_held() -> None:
-    for fd in _held:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _held.clear()
-
-
-os.register_at_fork(after_in_child=_close_held)
-
 
 def _holder() -> str:
     since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -64,17 +49,11 @@ def hold(run_dir: Path, enabled: bool = True) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | fsio.NOFOLLOW, 0o666)
     except OSError as e:
         raise UserError(f"cannot open the run directory's lock {path}: {reason(e)}") from None
-    owner = os.getpid()
-    try:
+    with fsio.lock_held(fd):  # closing fd releases the lock
         if _lock(fd, run_dir):
-            _held.add(fd)
             os.ftruncate(fd, 0)
             os.pwrite(fd, (_holder() + "\n").encode(), 0)
         yield
-    finally:
-        if os.getpid() == owner:  # a forked child closed its copy when it was forked
-            _held.discard(fd)
-            os.close(fd)  # releases the lock
 
 
 def _lock(fd: int, run_dir: Path) -> bool:

@@ -128,7 +128,7 @@ class Remote:
             options = {**CLIENT_DEFAULTS.get(scheme, {}), **self.options}
             self._client = fsspec.filesystem(scheme, skip_instance_cache=True, **options)
             if scheme == "s3" and "retries" not in self.options:
-                self._client.retries = 1  # s3fs's own loop: a class attribute, not an option
+                self._client.retries = 1  # s3fs's own loop: not a constructor option
             self._pid = os.getpid()
         return self._client
 
@@ -157,9 +157,9 @@ class Remote:
         except FileNotFoundError:
             return None
 
-    def download(self, name: str, out: IO[bytes]) -> tuple[int, str]:
-        """Copy the file into `out` (from its start again after a failure); its byte count
-        and sha256."""
+    def download(self, name: str, out: IO[bytes], size: int | None = None) -> tuple[int, str]:
+        """Copy the file into `out` (from its start again after a failure, a short read
+        included: fewer bytes than `size`); its byte count and sha256."""
 
         def copy() -> tuple[int, str]:
             out.seek(0)
@@ -171,6 +171,8 @@ class Remote:
                 digest.update(block)
 
             self._stream(name, sink)
+            if size is not None and out.tell() != size:
+                raise OSError(f"short read: {out.tell():,} of {size:,} bytes")
             return out.tell(), digest.hexdigest()
 
         return retry(shown(self.url(name)), copy, self.retry_s)
@@ -279,15 +281,16 @@ class Cache:
                 return path
             with contextlib.suppress(FileNotFoundError):
                 if failed.stat().st_mtime >= asked:  # it gave up while this one waited: so
-                    raise Unreachable(failed.read_text())  # would this, after as long again
+                    kind, why = failed.read_text().split("\n", 1)  # would this, as long again
+                    raise (Unverified if kind == "Unverified" else Unreachable)(why)
             tmp, out = fsio.create_temp(path)
             try:
                 with out:
-                    n, digest = self.remote.download(name, out)
-                _verify(shown(self.remote.url(name)), n, digest, size, sha256)
+                    n, digest = self.remote.download(name, out, size)
+                _verify(shown(self.remote.url(name)), digest, sha256)
                 os.replace(tmp, path)
-            except Unreachable as e:
-                failed.write_text(str(e))
+            except (Unreachable, Unverified) as e:
+                failed.write_text(f"{type(e).__name__}\n{e}")
                 raise
             finally:
                 tmp.unlink(missing_ok=True)
@@ -338,11 +341,9 @@ class Cache:
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[None]:
         fd = os.open(self.dir / f".{name}.lock", os.O_RDWR | os.O_CREAT | fsio.NOFOLLOW, 0o666)
-        try:
+        with fsio.lock_held(fd):
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
-        finally:
-            os.close(fd)
 
 
 def _present(path: Path, size: int | None) -> bool:
@@ -353,9 +354,7 @@ def _present(path: Path, size: int | None) -> bool:
     return size is None or held == size
 
 
-def _verify(url: str, n: int, digest: str, size: int | None, sha256: str | None) -> None:
-    if size is not None and n != size:
-        raise Unverified(f"{url}: {n:,} bytes downloaded, the manifest says {size:,}")
+def _verify(url: str, digest: str, sha256: str | None) -> None:
     if sha256 is not None and digest != sha256:
         raise Unverified(
             f"{url}: sha256 {digest[:16]}… downloaded, the manifest says {sha256[:16]}…"

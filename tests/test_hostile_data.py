@@ -324,12 +324,16 @@ def test_stuck_worker_of_a_python_dataset_names_the_source(tmp_path, make_cfg):
 
 
 @pytest.mark.parametrize("key", ["file", "index"])
-def test_a_manifest_naming_a_file_outside_its_directory_is_refused(tmp_path, digits_shards, key):
-    """A remote shard's names become files in the node's cache: `../x` would write outside it."""
+@pytest.mark.parametrize("name", ["../escape.json", ".ledger", "a$(touch x).tar", "a b.tar"])
+def test_a_manifest_naming_what_a_cache_or_shell_reads_specially_is_refused(
+    tmp_path, digits_shards, key, name
+):
+    """A remote shard's names become files in the node's cache (beside its dot-files) and go
+    into pipe: commands: `../x`, `.ledger`, `$(...)` and spaces are refused in one line."""
     from distnn.data import manifest as mf
 
     doc = json.loads((digits_shards / "manifest.json").read_text())
-    doc["splits"]["train"]["shards"][0][key] = "../escape.json"
+    doc["splits"]["train"]["shards"][0][key] = name
     (tmp_path / "manifest.json").write_text(json.dumps(doc))
-    with pytest.raises(UserError, match=r"split 'train' shard 0 has a bad file .*\.\./escape"):
+    with pytest.raises(UserError, match=r"split 'train' shard 0 has a bad file .*letters, digits"):
         mf.load(tmp_path)

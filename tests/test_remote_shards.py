@@ -240,3 +240,22 @@ def test_a_pipe_url_reads_through_the_users_own_command(tmp_path, digits_shards,
     run = train_remote(tmp_path, "pipe", f"pipe:cat {digits_shards}/{{}}", {})
     assert_same_weights(run, reference, rtol=1e-6)
     assert set(downloads(tmp_path / "cache", f"pipe:cat {digits_shards}/{{}}").values()) == {1}
+
+
+def test_a_short_read_is_retried_and_a_wrong_file_is_refused_once(tmp_path, digits_shards):
+    """A download that ends early without an error (a pipe: command that exits 0 after part of
+    the file) is fetched again; one whose sha256 is wrong is refused, and a process that
+    waited for it is told at once."""
+    tar = next(digits_shards.glob("train-*.tar"))
+    calls = tmp_path / "calls"
+    # First call: half the file, exit 0; later calls: all of it.
+    half = tar.stat().st_size // 2
+    command = (f"pipe:if [ -e {calls} ]; then cat {digits_shards}/{{}}; "
+               f"else touch {calls}; head -c {half} {digits_shards}/{{}}; fi")  # fmt: skip
+    cache = storage.files(command, {}, 30, str(tmp_path / "cache"))
+    size, sha = tar.stat().st_size, mf.sha256_file(tar)
+    assert cache.get(tar.name, size, sha).read_bytes() == tar.read_bytes()
+    other = storage.files(f"pipe:cat {digits_shards}/{{}}", {}, 30, str(tmp_path / "c2"))
+    with pytest.raises(storage.Unverified, match="sha256"):
+        other.get(tar.name, size, "0" * 64)
+    assert not other.has(tar.name) and other.counts()[0] == 0

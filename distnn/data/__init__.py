@@ -176,8 +176,9 @@ def build(
     cache = cache if isinstance(cache, storage.Cache) else None
     sampler: Sampler = train_order
     if cache is not None and env.local_rank == 0 and isinstance(train_order, order.ShardOrder):
-        # Batches handed to workers and maybe still being read: workers × prefetch_factor.
-        behind = max(d.workers, 1) * (d.prefetch_factor if d.workers else 1) + 1
+        # Batches handed to workers and maybe still being read (workers × prefetch_factor),
+        # and the accum_steps - 1 that other ranks may lag behind rank 0 between all-reduces.
+        behind = max(d.workers, 1) * (d.prefetch_factor if d.workers else 1) + t.accum_steps
         fetcher = fetch.Fetcher(ds.train, cache, d.prefetch_shards, d.cache_limit, behind)
         node = range(env.rank - env.local_rank, env.rank - env.local_rank + env.local_world_size)
         sampler = fetch.Prefetching(train_order, fetcher, node)

@@ -48,6 +48,7 @@ class Fetcher:
         self._uses: dict[int, list[int]] = {}
         self._pos = 0
         self._flying: dict[int, threading.Thread] = {}
+        self._failed: set[int] = set()  # given up on this pass: readers report them
         self._warned = False
         # Daemon threads: a download in flight never holds up the end of the process. Started
         # by the first pass, after the DataLoader has forked its workers.
@@ -61,6 +62,7 @@ class Fetcher:
                 uses.setdefault(s, []).append(b)
         with self._cv:
             self._schedule, self._uses, self._pos = schedule, uses, 0
+            self._failed = set()
             self._cv.notify()
         if not self._thread.is_alive():
             self._thread.start()
@@ -73,21 +75,29 @@ class Fetcher:
 
     def _run(self) -> None:
         while True:
-            with self._cv:
-                self._cv.wait(timeout=0.2)
-                wanted = self._window(self._pos, self._pos + self.ahead + 1)
-                in_use = set(self._window(self._pos - self.behind, self._pos + self.ahead + 1))
-            self._flying = {s: t for s, t in self._flying.items() if t.is_alive()}
-            for s in wanted:
-                if len(self._flying) >= FETCH_REQUESTS:
-                    break
-                shard = self.split.shards[s]
-                if s in self._flying or self.cache.has(shard.file, shard.bytes):
-                    continue
-                self._make_room(shard.bytes or 0, in_use)
-                thread = threading.Thread(target=self._fetch, args=(s,), daemon=True)
-                self._flying[s] = thread
-                thread.start()
+            try:
+                self._step()
+            except OSError:  # a file another job sharing the cache removed: try again
+                continue
+
+    def _step(self) -> None:
+        """Wait for news (0.2 s at most), then start the downloads the window lacks."""
+        with self._cv:
+            self._cv.wait(timeout=0.2)
+            wanted = self._window(self._pos, self._pos + self.ahead + 1)
+            in_use = set(self._window(self._pos - self.behind, self._pos + self.ahead + 1))
+        self._flying = {s: t for s, t in self._flying.items() if t.is_alive()}
+        for s in wanted:
+            if len(self._flying) >= FETCH_REQUESTS:
+                break
+            shard = self.split.shards[s]
+            skip = s in self._flying or s in self._failed
+            if skip or self.cache.has(shard.file, shard.bytes):
+                continue
+            self._make_room(shard.bytes or 0, in_use)
+            thread = threading.Thread(target=self._fetch, args=(s,), daemon=True)
+            self._flying[s] = thread
+            thread.start()
 
     def _window(self, start: int, end: int) -> list[int]:
         """The shards of batches [start, end), each once, in the order they are read."""
@@ -101,7 +111,8 @@ class Fetcher:
             if shard.index is not None:
                 self.cache.get(shard.index)
         except Exception:  # the reader that needs the shard meets the error again and reports
-            return  # it (data.on_error; the run stops where storage stays unreachable)
+            self._failed.add(s)  # it (data.on_error; the run stops where storage stays
+            # unreachable): this pass does not ask again
 
     def _next_use(self, name: str) -> float:
         s = self.names.get(name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,14 +94,23 @@ def _kind(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
+# Names of files in the shards' own directory, and nothing a shell or the node's cache reads
+# specially: a remote one becomes a cache file (its lock and ledger start with a dot) and goes
+# into a pipe: command.
+_NAME_PUNCTUATION = "._+=,~@-"
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9{re.escape(_NAME_PUNCTUATION)}]*\Z")
+
+
 def _shard(entry: Any, where: str, path: Path) -> Shard:
     file = _need(entry, "file", str, where, path)
     count = _need(entry, "count", int, where, path)
     opt = {k: entry.get(k) for k in ("bytes", "sha256", "index")}
-    # Names inside the shards' directory only: a remote one becomes a file in the node's cache.
     names = [file] if opt["index"] is None else [file, opt["index"]]
-    if count < 0 or any(not isinstance(n, str) or "/" in n or n in ("", ".", "..") for n in names):
-        raise UserError(f"manifest {path}: {where} has a bad file {names!r} or count {count}")
+    if count < 0 or not all(isinstance(n, str) and _NAME.match(n) for n in names):
+        raise UserError(
+            f"manifest {path}: {where} has a bad file {names!r} (names of letters, digits and "
+            f"{_NAME_PUNCTUATION}, not starting with one of those) or count {count}"
+        )
     return Shard(file, count, **opt)
 
 

@@ -132,7 +132,13 @@ class ShardSplit:
 
     def _file(self, s: int) -> Any:
         # Kept open across batches (an LRU of 8), so not a `with` block.
-        return _lru(self._files, s, lambda: open(self._tar(s), "rb"), keep=8)
+        return _lru(self._files, s, lambda: self._open_tar(s), keep=8)
+
+    def _open_tar(self, s: int) -> Any:
+        try:
+            return open(self._tar(s), "rb")
+        except FileNotFoundError:  # a remote one evicted between the cache's check and here:
+            return open(self._tar(s), "rb")  # fetched again
 
     @staticmethod
     def _member(samples: list[dict], why: str | None, m: int) -> tuple[dict, str]:
