@@ -77,10 +77,6 @@ def local_path(path: str | Path) -> Path:
     return Path(urlsplit(str(path)).path) if is_url(path) else Path(path)
 
 
-def join(root: str | Path, name: str) -> str:
-    return f"{str(root).rstrip('/')}/{name}" if is_url(root) else str(Path(root) / name)
-
-
 def shown(url: str) -> str:
     """A URL fit for a log line: any user:password@ taken out."""
     parts = urlsplit(url)
@@ -179,16 +175,13 @@ class Remote:
 
 
 class Local:
-    """A local directory behind the interface a Cache has: where a file is, its bytes."""
+    """A local directory behind the interface a Cache has: where a file is."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = local_path(root)
 
     def get(self, name: str, size: int | None = None, sha256: str | None = None) -> Path:
         return self.root / name
-
-    def read(self, name: str) -> bytes:
-        return (self.root / name).read_bytes()
 
 
 def files(root: str, options: dict[str, Any], retry_s: float, cache_dir: str = "") -> Local | Cache:
