@@ -1,6 +1,6 @@
 """Shards in object storage: the bundled digits, sharded, uploaded to a real S3 server (moto) and
 served by a real HTTP server on 127.0.0.1, trained from by real torchrun processes through the
-node-local cache (distnn/storage.py, distnn/data/fetch.py). Every run must end with the weights
+node-local cache (distnn/storage/, distnn/data/fetch.py). Every run must end with the weights
 of the same run from the local copy; the cache's ledger says what each node downloaded."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 
 from distnn import storage
 from distnn.data import manifest as mf
+from distnn.errors import UserError
 from distnn.monitor import read_metrics
 from tests.cluster import free_port
 from tests.conftest import ROOT, assert_same_weights, run_cli, shared, torchrun
@@ -259,3 +260,14 @@ def test_a_short_read_is_retried_and_a_wrong_file_is_refused_once(tmp_path, digi
     with pytest.raises(storage.Unverified, match="sha256"):
         other.get(tar.name, size, "0" * 64)
     assert not other.has(tar.name) and other.counts()[0] == 0
+
+
+def test_the_default_cache_is_this_users_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path))
+    mine = storage.default_cache_dir()
+    assert mine == tmp_path / f"distnn-cache-{os.getuid()}"
+    assert mine.stat().st_mode & 0o777 == 0o700
+    mine.chmod(0o777)  # as if another user had made it for everyone
+    with pytest.raises(UserError) as e:
+        storage.default_cache_dir()
+    assert "this user's alone" in str(e.value)
