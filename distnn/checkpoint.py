@@ -19,7 +19,7 @@ import random
 import shutil
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,11 @@ import numpy as np
 import torch
 import torch.distributed as td
 
-from distnn import fsio, safeload
+from distnn import checkpoint_remote, fsio, safeload, storage
 from distnn.checkpoint_files import NAME, STATE, UNTRUSTED, load_file, model_state
-from distnn.config import CkptConfig, Config, global_batch
+from distnn.config import CkptConfig
 from distnn.errors import UserError, cli, reason
-from distnn.parallel import formats
-from distnn.parallel.dist import barrier
+from distnn.parallel.dist import all_true, barrier
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,6 +105,14 @@ class Manager:
         self.last_saved_step = -1
         self.best_value: float | None = None
         self.restored_from: Path | None = None
+        # ckpt.remote: rank 0's uploader (from discard_lost on), and what resume downloaded.
+        self.remote = (
+            storage.Remote(cfg.remote, cfg.storage_options, cfg.retry_s, "ckpt.retry_s")
+            if cfg.remote
+            else None
+        )
+        self.mirror: checkpoint_remote.Mirror | None = None
+        self.downloaded: Path | None = None
 
     def path(self, step: int, sharded: bool = False) -> Path:
         return self.dir / (f"step_{step:08d}" if sharded else f"step_{step:08d}.pt")
@@ -145,7 +152,41 @@ class Manager:
             self._mark_best(path)
         for old in self.saved()[: -self.cfg.keep]:
             fsio.remove(old)
+        if self.mirror is not None:
+            self.mirror.submit(path, best)
         return path
+
+    def finish(self, device: torch.device) -> None:
+        """Every rank: back once the bucket holds this run's checkpoints (or their uploads gave
+        up). The ranks wait together, agreeing every 2 s: no collective waits longer than that
+        however long an upload takes, and no rank exits (which makes torchrun stop the others)
+        before rank 0's upload is done."""
+        if self.remote is None:
+            return
+        said = False
+        while True:
+            done = self.mirror is None or self.mirror.wait(timeout=2.0)
+            if not (done or said):
+                names = ", ".join(self.mirror.pending())
+                print(f"waiting for {names} to reach {storage.shown(self.remote.root)}", flush=True)
+                said = True
+            if all_true(done, device):
+                return
+
+    def close(self) -> None:
+        """The uploader stops, after its uploads: on every exit path (on an error, rank 0
+        alone waits for them)."""
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
+
+    @property
+    def origin(self) -> str:
+        """Where the restored checkpoint came from, as a log line names it."""
+        if self.remote is not None and self.restored_from == self.downloaded:
+            url = storage.shown(self.remote.url(self.downloaded.name))
+            return f"{url} (downloaded to {self.downloaded})"
+        return str(self.restored_from)
 
     def _save_directory(
         self, state: dict[str, Any], path: Path, save_shards: Callable[[Path], None]
@@ -217,19 +258,35 @@ class Manager:
     def discard_lost(self, state: dict[str, Any] | None) -> None:
         """Checkpoints in this run past the step it continues from (`state`'s) are removed:
         they belong to an attempt that was lost (or to the run that `never` starts over)."""
-        if self.writes:
-            self._forget_after(state["position"]["step"] if state else 0)
-            # What writers killed mid-write left (the run holds its directory's lock).
-            for partial in [*self.dir.glob(".*.tmp"), *self.dir.parent.glob(".*.tmp")]:
-                fsio.remove(partial)
+        if not self.writes:
+            return
+        step = state["position"]["step"] if state else 0
+        self._forget_after(step)
+        # What writers killed mid-write left (the run holds its directory's lock).
+        for partial in [*self.dir.glob(".*.tmp"), *self.dir.parent.glob(".*.tmp")]:
+            fsio.remove(partial)
+        if self.remote is not None:
+            index = checkpoint_remote.read_index(self.remote)
+            checkpoint_remote.forget(index, step)  # deleted by the uploader, first
+            self.mirror = checkpoint_remote.Mirror(self.remote, self.dir, self.cfg.keep, index)
+            restored = self.restored_from
+            uploaded = restored is None or restored.name in index["complete"]
+            if not uploaded and restored.parent == self.dir:  # its upload was cut short
+                self.mirror.submit(restored, best=False)
 
     def _load(self) -> dict[str, Any] | None:
         candidates = [Path(self.cfg.resume)] if self.cfg.resume != "auto" else []
-        for path in candidates or reversed(self.saved()):
+        for path in candidates or self._newest_first():
+            # What came from the bucket is not the run's own files: the safe loader's rules.
+            trust = self.trust if path != self.downloaded else safeload.Trust(
+                "ckpt.resume_trusted=true", self.cfg.resume_trusted
+            )  # fmt: skip
             try:
-                state = load_file(path, self.trust)
+                state = load_file(path, trust)
             except UserError as e:
-                if candidates:
+                # One from the bucket is not skipped: the run would start over, or continue
+                # from an older local one, and then replace the bucket's newer checkpoints.
+                if candidates or path == self.downloaded:
                     raise
                 warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
                 continue
@@ -239,85 +296,36 @@ class Manager:
             return state
         return None
 
+    def _newest_first(self) -> Iterator[Path]:
+        """This run's checkpoints, newest first; with ckpt.remote, the bucket's newest complete
+        one first where it is newer than every local one (downloaded: a requeued job on a node
+        whose disk is empty or behind). A download that fails stops the run in one line:
+        starting over instead would replace the bucket's checkpoints."""
+        local = list(reversed(self.saved()))
+        if self.remote is None:
+            yield from local
+            return
+        index = checkpoint_remote.read_index(self.remote)
+        cut = index["uploading"]
+        if cut is not None and self.writes and cut["name"] not in {p.name for p in local}:
+            warnings.warn(
+                f"skipping checkpoint {storage.shown(self.remote.url(cut['name']))}: its upload "
+                "was cut short (the job ended during it)",
+                stacklevel=2,
+            )
+        name = checkpoint_remote.newest(index)
+        steps = [int(NAME.match(p.name).group(1)) for p in local]
+        if name is not None and index["complete"][name]["step"] > max(steps, default=-1):
+            self.downloaded = checkpoint_remote.download(self.remote, index, name, self.dir)
+            yield self.downloaded
+        yield from local
+
     def _forget_after(self, step: int) -> None:
         stale = [p for p in self.saved() if int(NAME.match(p.name).group(1)) > step]
         if step == 0:
             stale += [self.dir / name for name in ("best.pt", "best", "latest")]
         for p in stale:
             fsio.remove(p)
-
-
-def check_compatible(
-    state: dict[str, Any], cfg: Config, classes: list[str], path: Path | None, world_size: int
-) -> None:
-    """A checkpoint of another model or dataset cannot continue this run: say which key.
-    Sharded state (ZeRO) also needs the world size that wrote it."""
-    saved = state["config"]
-    checks = [
-        ("model.name", cfg.model.name, saved["model"]["name"]),
-        ("model.kwargs", cfg.model.kwargs, saved["model"].get("kwargs", {})),
-        # The optimizer's parameter groups follow these: another split cannot load its state.
-        ("model.freeze", cfg.model.freeze, saved["model"].get("freeze", [])),
-        ("model.head", cfg.model.head, saved["model"].get("head", "")),
-        ("optim.head_lr_scale", cfg.optim.head_lr_scale, saved["optim"].get("head_lr_scale", 1.0)),
-        ("optim.layer_decay", cfg.optim.layer_decay, saved["optim"].get("layer_decay", 1.0)),
-        ("optim.name", cfg.optim.name, saved["optim"]["name"]),
-        ("data.image_size", cfg.data.image_size, saved["data"]["image_size"]),
-        ("number of classes", len(classes), len(state["classes"])),
-    ]
-    strategy = state["strategy"]
-    if "shards" in strategy and not formats.of(strategy).any_world_size:
-        then = strategy["world_size"]
-        if then != world_size:
-            raise UserError(
-                f"checkpoint {str(path)!r} holds {strategy['format']} shards of processes={then}, "
-                f"this run has {world_size}: they load only at the world size that wrote them; "
-                f"resume on {then} processes (FSDP and DDP checkpoints load at any world size)"
-            )
-    for key, now, then in checks:
-        if now != then:
-            raise UserError(
-                f"checkpoint {str(path)!r} was trained with {key}={then}, this run has {now}; "
-                "use another run.name or ckpt.resume=never"
-            )
-
-
-def resume_notes(state: dict[str, Any], cfg: Config, world_size: int) -> list[str]:
-    """What makes this resume differ from the uninterrupted run, one line each. Every source,
-    shards included, orders samples by global batch (data/order.py) whatever data.workers is:
-    at another world size the same global batches follow where the global batch and
-    accum_steps are kept."""
-    then = state.get("world_size", len(state["rng"]))  # older checkpoints: one RNG per rank
-    notes = []
-    if then != world_size:
-        saved = state["config"]["train"]
-        before = saved["batch_size"] * saved["accum_steps"] * then
-        after = global_batch(cfg, world_size)
-        head = f"note: the checkpoint was written by {then} processes, this run has {world_size}"
-        if before == after and saved["accum_steps"] == cfg.train.accum_steps:
-            notes.append(
-                f"{head}: the same global batches of {after} follow, so it continues the "
-                "uninterrupted run (up to reduction order; each rank's random streams, such as "
-                "dropout, and its BatchNorm statistics differ)"
-            )
-        else:
-            detail = (
-                f"the global batch changes from {before} to {after}"
-                if before != after
-                else "train.accum_steps changes"
-            )
-            notes.append(
-                f"{head}: it continues, but not exactly as an uninterrupted run ({detail}); "
-                f"resume on {then} processes for that"
-            )
-        if cfg.train.mixup_alpha or cfg.train.cutmix_alpha:
-            notes.append(
-                "note: MixUp/CutMix pair samples within each process's micro-batch: at another "
-                "world size the pairs, and so the loss curve, differ"
-            )
-    if cfg.train.ema_decay and not state["config"]["train"].get("ema_decay"):
-        notes.append("note: the checkpoint holds no EMA: it starts from the resumed weights")
-    return notes
 
 
 def export(

@@ -136,7 +136,7 @@ class DataConfig:
     cache_dir: str = _f(
         "",
         "data.root as a URL: node-local directory its shards are downloaded to (default: "
-        "$SLURM_TMPDIR, else $TMPDIR or /tmp, then distnn-cache)",
+        "$SLURM_TMPDIR, else $TMPDIR or /tmp, then distnn-cache-<uid>, 0700)",
     )
     cache_limit: int = _f(
         0,
@@ -331,6 +331,27 @@ class CkptConfig:
     export_ema: bool = _f(
         False, "export (and W&B's model.safetensors) takes the EMA weights (train.ema_decay > 0)"
     )
+    remote: str = _f(
+        "",
+        "URL each checkpoint is uploaded to in the background (s3://bucket/runs/NAME, any fsspec "
+        "URL); resume=auto downloads the newest complete one where the run directory lacks it",
+    )
+    storage_options: dict[str, Any] = _f(
+        {}, "ckpt.remote: fsspec options, as data.storage_options; secrets in it are never written"
+    )
+    retry_s: float = _f(
+        300.0, "ckpt.remote: how long a failed upload or download is retried before it gives up"
+    )
+
+    def __post_init__(self) -> None:
+        url = storage.is_url(self.remote) and not self.remote.startswith(storage.PIPE)
+        if self.remote and not url:
+            raise UserError(
+                f"ckpt.remote={self.remote!r} is not a URL: give s3://bucket/prefix, "
+                "http(s)://host/path (a server that takes PUT), file:///path or another fsspec URL"
+            )
+        if self.retry_s < 0:
+            raise UserError(f"config key 'ckpt.retry_s' must be >= 0, got {self.retry_s}")
 
 
 @dataclass
@@ -555,7 +576,7 @@ def _declared_type(dotted: str) -> Any:
     return tp
 
 
-# data.root's user:password@, and data.storage_options entries whose names say they hold a
+# URLs' user:password@, and storage_options entries whose names say they hold a
 # secret (s3fs: key, secret, token; client_kwargs' aws_secret_access_key ...): never written to
 # config.yaml, checkpoints or W&B.
 _SECRET = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
@@ -568,10 +589,11 @@ def _redacted(options: Any) -> Any:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """The config as it is written down (secrets in data.storage_options redacted)."""
+    """The config as it is written down (secrets in the storage options redacted)."""
     tree = dataclasses.asdict(cfg)
-    tree["data"]["storage_options"] = _redacted(tree["data"]["storage_options"])
-    tree["data"]["root"] = storage.shown(tree["data"]["root"])  # no user:password@
+    for section, url in (("data", "root"), ("ckpt", "remote")):
+        tree[section]["storage_options"] = _redacted(tree[section]["storage_options"])
+        tree[section][url] = storage.shown(tree[section][url])  # no user:password@
     return tree
 
 

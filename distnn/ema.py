@@ -94,7 +94,7 @@ class EMA:
 
 def restore(ema: EMA | None, state: dict[str, torch.Tensor] | None) -> None:
     """The checkpoint's EMA, or, where it holds none (its run had none), one that starts over
-    from the resumed weights (checkpoint.resume_notes says so)."""
+    from the resumed weights (resume.resume_notes says so)."""
     if ema is None:
         return
     if state is None:

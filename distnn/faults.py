@@ -4,6 +4,8 @@
     DISTNN_FAULT=crash@step:3,rank:1    rank 1 dies at once (os._exit), as a killed node would
     DISTNN_FAULT=kill@step:3,rank:1     rank 1 SIGKILLs itself (nothing flushed or closed)
     DISTNN_FAULT=nan@step:3,rank:1      rank 1's loss in step 3 is NaN (a diverging batch)
+    DISTNN_FAULT=kill@upload:8          the uploading process (rank 0) SIGKILLs itself once the
+                                        first object of step 8's checkpoint is in ckpt.remote
 
 The fault fires only in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT=0),
 so a restarted group can show that it recovers.
@@ -22,7 +24,7 @@ import torch
 
 from distnn.errors import UserError
 
-_SPEC = re.compile(r"^(raise|crash|kill|nan)@step:(\d+),rank:(\d+)$")
+_SPEC = re.compile(r"^(raise|crash|kill|nan)@step:(\d+),rank:(\d+)$|^(kill)@(upload):(\d+)$")
 CRASH_EXIT_CODE = 86
 
 
@@ -31,11 +33,13 @@ class Fault:
     kind: str
     step: int
     rank: int
+    phase: str = "step"  # or "upload": of the checkpoint of `step`
     fired: bool = False  # once: a skipped step is retried with the same step number
 
-    def check(self, step: int, rank: int) -> None:
-        """After optimizer step `step`: raise or crash."""
-        if step != self.step or rank != self.rank or self.kind == "nan":
+    def check(self, step: int, rank: int, phase: str = "step") -> None:
+        """After optimizer step `step` (or the first object of its checkpoint's upload):
+        raise or crash."""
+        if (step, rank, phase) != (self.step, self.rank, self.phase) or self.kind == "nan":
             return
         if self.kind == "crash":
             os._exit(CRASH_EXIT_CODE)
@@ -59,6 +63,9 @@ def from_env(environ: Mapping[str, str] | None = None) -> Fault | None:
     m = _SPEC.match(spec)
     if m is None:
         raise UserError(
-            f"DISTNN_FAULT={spec!r} is not KIND@step:N,rank:R with KIND raise, crash, kill or nan"
+            f"DISTNN_FAULT={spec!r} is not KIND@step:N,rank:R with KIND raise, crash, kill or nan, "
+            "nor kill@upload:N"
         )
+    if m.group(4):
+        return Fault("kill", int(m.group(6)), 0, "upload")
     return Fault(m.group(1), int(m.group(2)), int(m.group(3)))

@@ -26,6 +26,7 @@ from distnn import (
     optim,
     parallel,
     preempt,
+    resume,
     runlock,
 )
 from distnn import precision as precision_lib
@@ -107,7 +108,7 @@ def _train(
     ckpt = checkpoint.Manager(cfg.ckpt, cfg.run_dir, env.is_main)
     state = ckpt.restore()
     if state is not None:
-        checkpoint.check_compatible(state, cfg, loaders.classes, ckpt.restored_from, env.world_size)
+        resume.check_compatible(state, cfg, loaders.classes, ckpt.restored_from, env.world_size)
     strategy = parallel.build(cfg, env, device, precision)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model, head, model_notes = models.prepare(
@@ -156,15 +157,17 @@ def _train(
             )  # fmt: skip
             if state is not None:
                 engine.load_state_dict(state)
-                run.message(f"resumed at step {start} from {ckpt.restored_from}")
-                for note in checkpoint.resume_notes(state, cfg, env.world_size):
+                run.message(f"resumed at step {start} from {ckpt.origin}")
+                for note in resume.resume_notes(state, cfg, env.world_size):
                     run.message(note)
             summary = engine.fit()
+            ckpt.finish(device)  # the bucket holds the last checkpoint before any rank exits
             run.summary(summary)
             top1 = summary.get("val_top1", float("nan"))
             run.message(f"done: {summary['steps']} steps, val_top1 {top1:.4f} -> {cfg.run_dir}")
         except preempt.Preempted:
             run.message(f"preempted at step {engine.pos.step}: checkpoint saved, exiting 75")
+            ckpt.finish(device)  # before the requeue, which ends this job's processes
             if env.is_main and cfg.ckpt.requeue:
                 preempt.requeue()
             raise
@@ -172,6 +175,7 @@ def _train(
             try:  # closing the run writes too, and a full disk fails it: the strategy still goes
                 if preemption is not None:
                     preemption.close()
+                ckpt.close()
                 if run is not None:
                     run.close()
             finally:

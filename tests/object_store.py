@@ -52,7 +52,8 @@ class Server:
 
     def start(self) -> None:
         with open(self.log, "a") as out:
-            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=Path(__file__).parent.parent)  # fmt: skip
         _wait_http(self.url + "/", self.proc)
 
     def stop(self) -> None:
@@ -168,10 +169,13 @@ class S3Server(Server):
 
 
 class HTTPServer(Server):
-    """Python's http.server serving `directory` at http://127.0.0.1:PORT/."""
+    """Python's http.server serving `directory` at http://127.0.0.1:PORT/; `writable`, one that
+    takes PUT too (tests/http_put_server.py)."""
 
-    def __init__(self, log: Path, directory: Path) -> None:
+    def __init__(self, log: Path, directory: Path, writable: bool = False) -> None:
         port = free_port()
-        cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-               "--directory", str(directory)]  # fmt: skip
+        cmd = ([sys.executable, "-m", "tests.http_put_server", str(port), str(directory)]
+               if writable else
+               [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                "--directory", str(directory)])  # fmt: skip
         super().__init__(cmd, port, log)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from distnn import checkpoint, data
+from distnn import data, resume
 from distnn.data import shard as sharder
 from distnn.data.tars import scan_shard, stream_shard
 from distnn.parallel.env import Env
@@ -144,13 +144,13 @@ def test_resume_notes_for_shards(make_cfg):
         "config": {"train": {"batch_size": 6, "accum_steps": 1}, "data": {"workers": 2}},
     }
     cfg = make_cfg("data.source=shards", "data.root=x", "train.batch_size=12", "data.workers=0")
-    [note] = checkpoint.resume_notes(state, cfg, 1)
+    [note] = resume.resume_notes(state, cfg, 1)
     assert note.startswith("note: the checkpoint was written by 2 processes, this run has 1: the")
     assert "same global batches of 12 follow, so it continues the uninterrupted run" in note
     # Another number of workers at the same world size changes nothing.
-    assert checkpoint.resume_notes(state, make_cfg("data.source=shards", "train.batch_size=6",
+    assert resume.resume_notes(state, make_cfg("data.source=shards", "train.batch_size=6",
                                                    "data.workers=1"), 2) == []  # fmt: skip
-    [note] = checkpoint.resume_notes(state, make_cfg("data.source=shards", "train.batch_size=8"), 1)
+    [note] = resume.resume_notes(state, make_cfg("data.source=shards", "train.batch_size=8"), 1)
     assert "not exactly as an uninterrupted run (the global batch changes from 12 to 8)" in note
 
 

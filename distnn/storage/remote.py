@@ -114,7 +114,9 @@ class Remote:
         url = self.url(name)
         if self._local():
             Path(url.split("://", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-        self._retry(name, lambda: self._fs().put_file(str(path), url), "write")
+        # fsspec's HTTP put_file POSTs unless told: a store takes PUT.
+        how = {"method": "put"} if urlsplit(self.root).scheme in ("http", "https") else {}
+        self._retry(name, lambda: self._fs().put_file(str(path), url, **how), "write")
 
     def write(self, name: str, data: bytes) -> None:
         """`data` as `name`, whole or not at all (a local one through a rename)."""
