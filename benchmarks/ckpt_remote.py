@@ -126,7 +126,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# The training loop's stall per checkpoint: ckpt.remote (S3) vs the local save alone",
         "",
-        f"{describe(m)}{' (quick run)' if results['quick'] else ''}. AdamW, batch 8, a "
+        f"{describe(m)}{' (quick run)' if results['quick'] else ''} AdamW, batch 8, a "
         f"checkpoint every {results['every']} steps through checkpoint.Manager; moto's S3 "
         f"server on 127.0.0.1. {results['repeats']} checkpoints per side, ABBA order: median "
         "(min – max) seconds. Step time ratio: the steps after a save, while its upload runs in "

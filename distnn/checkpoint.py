@@ -12,12 +12,13 @@ ranks are done.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import math
 import os
 import random
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as td
 
 from distnn import checkpoint_remote, fsio, safeload, storage
-from distnn.checkpoint_files import NAME, STATE, UNTRUSTED, load_file, model_state
+from distnn.checkpoint_files import NAME, STATE, export, load_file, step_of
 from distnn.config import CkptConfig
 from distnn.errors import UserError, cli, reason
 from distnn.parallel.dist import all_true, barrier
@@ -101,6 +102,7 @@ class Manager:
         # The run's own checkpoints (it holds the run directory's lock) load in every form;
         # what the safe loader refuses needs the user's word, wherever it is.
         self.trust = safeload.Trust("ckpt.resume_trusted=true", cfg.resume_trusted, own=self.dir)
+        self.elsewhere = dataclasses.replace(self.trust, own=None)  # what the bucket gave
         self.writes = writes
         self.last_saved_step = -1
         self.best_value: float | None = None
@@ -112,7 +114,6 @@ class Manager:
             else None
         )
         self.mirror: checkpoint_remote.Mirror | None = None
-        self.downloaded: Path | None = None
 
     def path(self, step: int, sharded: bool = False) -> Path:
         return self.dir / (f"step_{step:08d}" if sharded else f"step_{step:08d}.pt")
@@ -150,28 +151,37 @@ class Manager:
         fsio.write_text(self.dir / "latest", path.name + "\n")
         if best:
             self._mark_best(path)
-        for old in self.saved()[: -self.cfg.keep]:
-            fsio.remove(old)
+        for old in [*self.saved()[: -self.cfg.keep], checkpoint_remote.marker(path)]:
+            fsio.remove(old)  # a marker: the step is this run's own now
         if self.mirror is not None:
             self.mirror.submit(path, best)
         return path
 
-    def finish(self, device: torch.device) -> None:
+    def finish(self, device: torch.device, limit_s: float | None = None) -> None:
         """Every rank: back once the bucket holds this run's checkpoints (or their uploads gave
-        up). The ranks wait together, agreeing every 2 s: no collective waits longer than that
+        up), or after `limit_s` (a preemption's notice is short: the requeue must not miss it).
+        The ranks wait together, agreeing every 2 s: no collective waits longer than that
         however long an upload takes, and no rank exits (which makes torchrun stop the others)
         before rank 0's upload is done."""
         if self.remote is None:
             return
+        url = storage.shown(self.remote.root)
+        deadline = None if limit_s is None else time.monotonic() + limit_s
         said = False
         while True:
             done = self.mirror is None or self.mirror.wait(timeout=2.0)
-            if not (done or said):
-                names = ", ".join(self.mirror.pending())
-                print(f"waiting for {names} to reach {storage.shown(self.remote.root)}", flush=True)
+            late = deadline is not None and time.monotonic() > deadline
+            if self.mirror is not None and not (done or said):
+                print(f"waiting for {', '.join(self.mirror.pending())} to reach {url}", flush=True)
                 said = True
-            if all_true(done, device):
-                return
+            if all_true(done or late, device):
+                break
+        if self.mirror is not None and not done:
+            pending = ", ".join(self.mirror.pending())
+            print(f"warning: stopped waiting after {limit_s:g} s (ckpt.upload_wait_s): "
+                  f"{pending} may not reach {url}", flush=True)  # fmt: skip
+        elif self.mirror is not None and self.mirror.failed:
+            print(f"warning: {self.mirror.failed}: {url} holds an older one", flush=True)
 
     def close(self) -> None:
         """The uploader stops, after its uploads: on every exit path (on an error, rank 0
@@ -183,10 +193,10 @@ class Manager:
     @property
     def origin(self) -> str:
         """Where the restored checkpoint came from, as a log line names it."""
-        if self.remote is not None and self.restored_from == self.downloaded:
-            url = storage.shown(self.remote.url(self.downloaded.name))
-            return f"{url} (downloaded to {self.downloaded})"
-        return str(self.restored_from)
+        path = self.restored_from
+        if path is not None and checkpoint_remote.marker(path).exists():
+            return f"{checkpoint_remote.marker(path).read_text().strip()} (downloaded to {path})"
+        return str(path)
 
     def _save_directory(
         self, state: dict[str, Any], path: Path, save_shards: Callable[[Path], None]
@@ -267,7 +277,8 @@ class Manager:
             fsio.remove(partial)
         if self.remote is not None:
             index = checkpoint_remote.read_index(self.remote)
-            checkpoint_remote.forget(index, step)  # deleted by the uploader, first
+            if checkpoint_remote.forget(index, step):  # the index first; the uploader deletes
+                checkpoint_remote.write_index(self.remote, index)
             self.mirror = checkpoint_remote.Mirror(self.remote, self.dir, self.cfg.keep, index)
             restored = self.restored_from
             uploaded = restored is None or restored.name in index["complete"]
@@ -278,15 +289,13 @@ class Manager:
         candidates = [Path(self.cfg.resume)] if self.cfg.resume != "auto" else []
         for path in candidates or self._newest_first():
             # What came from the bucket is not the run's own files: the safe loader's rules.
-            trust = self.trust if path != self.downloaded else safeload.Trust(
-                "ckpt.resume_trusted=true", self.cfg.resume_trusted
-            )  # fmt: skip
+            fetched = checkpoint_remote.marker(path).exists()
             try:
-                state = load_file(path, trust)
+                state = load_file(path, self.elsewhere if fetched else self.trust)
             except UserError as e:
                 # One from the bucket is not skipped: the run would start over, or continue
                 # from an older local one, and then replace the bucket's newer checkpoints.
-                if candidates or path == self.downloaded:
+                if candidates or fetched:
                     raise
                 warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
                 continue
@@ -298,9 +307,9 @@ class Manager:
 
     def _newest_first(self) -> Iterator[Path]:
         """This run's checkpoints, newest first; with ckpt.remote, the bucket's newest complete
-        one first where it is newer than every local one (downloaded: a requeued job on a node
-        whose disk is empty or behind). A download that fails stops the run in one line:
-        starting over instead would replace the bucket's checkpoints."""
+        one among them, downloaded when its turn comes (a requeued job on a node whose disk is
+        empty or behind, or whose newer local ones do not load). A download that fails stops
+        the run in one line: going on without it would replace the bucket's checkpoints."""
         local = list(reversed(self.saved()))
         if self.remote is None:
             yield from local
@@ -314,71 +323,21 @@ class Manager:
                 stacklevel=2,
             )
         name = checkpoint_remote.newest(index)
-        steps = [int(NAME.match(p.name).group(1)) for p in local]
-        if name is not None and index["complete"][name]["step"] > max(steps, default=-1):
-            self.downloaded = checkpoint_remote.download(self.remote, index, name, self.dir)
-            yield self.downloaded
-        yield from local
+        ahead = -1 if name is None else index["complete"][name]["step"]
+        for path in local:
+            if step_of(path.name) < ahead:
+                yield checkpoint_remote.download(self.remote, index, name, self.dir)
+                ahead = -1
+            yield path
+        if ahead >= 0:
+            yield checkpoint_remote.download(self.remote, index, name, self.dir)
 
     def _forget_after(self, step: int) -> None:
-        stale = [p for p in self.saved() if int(NAME.match(p.name).group(1)) > step]
+        stale = [p for p in self.saved() if step_of(p.name) > step]
         if step == 0:
             stale += [self.dir / name for name in ("best.pt", "best", "latest")]
         for p in stale:
             fsio.remove(p)
-
-
-def export(
-    source: str | Path, out: str | Path, ema: bool | None = None, trust: safeload.Trust = UNTRUSTED
-) -> Path:
-    """The model's weights at OUT (`.safetensors`: tensors and nothing else, loading strict
-    into the zoo or torchvision builder) and OUT with .json: what predict needs to rebuild the
-    model and its preprocessing. `ema`: the EMA of the weights rather than the weights
-    (default: the run's ckpt.export_ema)."""
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UserError(f"export writes safetensors: name the output *.safetensors, not {out}")
-    state = load_file(source, trust)
-    cfg = state["config"]
-    if ema is None:
-        ema = cfg["ckpt"].get("export_ema", False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    safeload.save_tensors(model_state(state, ema), out)
-    meta = {
-        "model": cfg["model"]["name"],
-        "weights": "ema" if ema else "model",
-        "num_classes": len(state["classes"]),
-        "image_size": cfg["data"]["image_size"],
-        "classes": list(state["classes"]),
-        "mean": list(state["mean"]),
-        "std": list(state["std"]),
-        "config": cfg,
-    }
-    fsio.write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
-    return out
-
-
-def load_any(path: str | Path, trust: safeload.Trust = UNTRUSTED) -> dict[str, Any]:
-    """A checkpoint or run dir (load_file), or an export: its weights (`.safetensors`, or a
-    `.pt` of earlier versions) with the `.json` beside them."""
-    path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if path.is_file() and meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError as e:
-            raise UserError(f"{str(meta_path)!r} is not JSON: {e}") from None
-        if path.suffix == ".safetensors":
-            return {**meta, "model": safeload.safetensors_file(path)}
-        return {**meta, "model": safeload.torch_file(path, trust, "export")}
-    state = None if path.suffix == ".safetensors" else load_file(path, trust)
-    if not (isinstance(state, dict) and "strategy" in state):
-        raise UserError(
-            f"{str(path)!r} holds weights only, and no {meta_path.name} beside it says which "
-            "model and classes they are for: give a run directory, a checkpoint, or an export "
-            "(python -m distnn.checkpoint export RUN OUT.safetensors writes both)"
-        )
-    return state
 
 
 @cli

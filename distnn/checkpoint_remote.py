@@ -21,6 +21,7 @@ the network, and the bucket gets the newest checkpoint as soon as the link allow
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -34,15 +35,17 @@ from pathlib import Path
 from typing import Any
 
 from distnn import faults, fsio, storage
-from distnn.checkpoint_files import NAME
+from distnn.checkpoint_files import NAME, step_of
 from distnn.errors import UserError, reason
 
 INDEX = "index.json"
 STAGING = ".upload"
 
 
-def step_of(name: str) -> int:
-    return int(NAME.match(name).group(1))
+def marker(path: Path) -> Path:
+    """Beside a checkpoint downloaded from the bucket: it is not the run's own file (the safe
+    loader's rules apply to it, whichever process lists it later)."""
+    return path.with_name(f".{path.name}.remote")
 
 
 def empty_index() -> dict[str, Any]:
@@ -51,12 +54,15 @@ def empty_index() -> dict[str, Any]:
 
 def read_index(remote: storage.Remote) -> dict[str, Any]:
     """The bucket's index; an empty one where there is none yet."""
+    url = storage.shown(remote.url(INDEX))
     try:
         index = json.loads(remote.read(INDEX))
     except FileNotFoundError:
         return empty_index()
+    except storage.PERMANENT as e:
+        raise UserError(f"cannot read {url} (ckpt.remote): {reason(e)}") from None
     except ValueError as e:
-        raise UserError(f"{storage.shown(remote.url(INDEX))} is not JSON: {e}") from None
+        raise UserError(f"{url} is not JSON: {e}") from None
     if not isinstance(index, dict) or index.get("format") != 1:
         raise UserError(
             f"{storage.shown(remote.url(INDEX))} is not a distnn checkpoint index (format 1)"
@@ -108,7 +114,8 @@ class Mirror:
         self.staging = local_dir / STAGING
         fsio.remove(self.staging)  # snapshots of a job that was killed
         self.fault = faults.from_env()
-        self.failed: str | None = None  # the last upload that gave up, and why
+        self.deletes = True  # until the store says it cannot (HTTP)
+        self.failed: str | None = None  # the last upload, if it gave up: why
         self._waiting: dict[str, Upload] = {}  # "best" (older), "latest"
         self._busy: Upload | None = None
         self._closing = False
@@ -119,7 +126,11 @@ class Mirror:
 
     def submit(self, path: Path, best: bool) -> None:
         self._count += 1
-        snapshot = _link_copy(path, self.staging / str(self._count))
+        try:
+            snapshot = _link_copy(path, self.staging / str(self._count))
+        except OSError as e:  # the local checkpoint is intact; the next one tries again
+            _warn(f"checkpoint {path.name} is not uploaded: cannot snapshot it: {reason(e)}")
+            return
         upload = Upload(path.name, step_of(path.name), snapshot, best)
         with self._cond:
             older = self._waiting.pop("latest", None)
@@ -140,7 +151,10 @@ class Mirror:
     def wait(self, timeout: float | None = None) -> bool:
         """Whether every submitted checkpoint went (uploaded, or given up) within `timeout`."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._busy is None and not self._waiting, timeout)
+            return self._cond.wait_for(
+                lambda: (self._busy is None and not self._waiting) or not self._thread.is_alive(),
+                timeout,
+            )
 
     def close(self) -> None:
         """The upload in flight and those waiting finish first."""
@@ -155,7 +169,7 @@ class Mirror:
             fsio.remove(upload.snapshot.parent)
 
     def _run(self) -> None:
-        self._clean()
+        self._clean()  # what forget() marked: the index already says so
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._waiting or self._closing)
@@ -165,23 +179,29 @@ class Mirror:
                 self._busy = upload
             try:
                 self._upload(upload)
+                self.failed = None
             except Exception as e:  # the next checkpoint tries again; the local one is intact
-                self.failed = f"{upload.name}: {reason(e)}"
-                _warn(
-                    f"checkpoint {upload.name} was not uploaded to "
-                    f"{storage.shown(self.remote.root)}: {reason(e)}"
-                )
+                self.failed = f"checkpoint {upload.name} was not uploaded: {reason(e)}"
+                _warn(f"{self.failed} ({storage.shown(self.remote.root)})")
+                cut = self.index["uploading"]
+                if cut is not None:  # what arrived of it goes with the next clean
+                    self.index["stale"] += cut["files"]
+                    self.index["uploading"] = None
             finally:
-                self._drop(upload)
                 with self._cond:
                     self._busy = None
                     self._cond.notify_all()
+                with contextlib.suppress(OSError):
+                    self._drop(upload)
 
     def _upload(self, upload: Upload) -> None:
         start = time.monotonic()
         files = _files(upload.snapshot)
         self.index["complete"].pop(upload.name, None)  # the same step saved again
-        self.index["uploading"] = {"name": upload.name, "files": [name for name, _ in files]}
+        names = [name for name, _ in files]
+        # Objects of an earlier attempt at this name, not yet deleted: these are wanted again.
+        self.index["stale"] = [o for o in self.index["stale"] if o not in names]
+        self.index["uploading"] = {"name": upload.name, "files": names}
         self._write_index()
         done = {}
         for name, path in files:
@@ -208,7 +228,9 @@ class Mirror:
         complete = self.index["complete"]
         newest = sorted(complete, key=lambda n: complete[n]["step"])[-self.keep :]
         for name in [n for n in complete if n not in newest and n != self.index["best"]]:
-            self.index["stale"] += list(complete.pop(name)["files"])
+            gone = list(complete.pop(name)["files"])
+            if self.deletes:
+                self.index["stale"] += gone
 
     def _clean(self) -> None:
         """Delete what the index no longer names (the index went first: a kill in between
@@ -223,15 +245,22 @@ class Mirror:
             self._write_index()
         except NotImplementedError:
             _warn(
-                f"{storage.shown(self.remote.root)} deletes nothing: {len(stale)} superseded "
-                "checkpoint objects stay there (ckpt.keep applies where the store deletes)"
+                f"{storage.shown(self.remote.root)} deletes nothing: superseded checkpoints "
+                "stay there, unnamed by its index (ckpt.keep applies where the store deletes)"
             )
+            self.deletes = False
             stale.clear()
+            with contextlib.suppress(Exception):  # else written with the next upload
+                self._write_index()
         except Exception as e:  # tried again after the next upload
             _warn(f"cannot delete superseded checkpoint objects yet: {reason(e)}")
 
     def _write_index(self) -> None:
-        self.remote.write(INDEX, (json.dumps(self.index, indent=1) + "\n").encode())
+        write_index(self.remote, self.index)
+
+
+def write_index(remote: storage.Remote, index: dict[str, Any]) -> None:
+    remote.write(INDEX, (json.dumps(index, indent=1) + "\n").encode())
 
 
 def _warn(line: str) -> None:
@@ -262,26 +291,49 @@ def download(remote: storage.Remote, index: dict[str, Any], name: str, into: Pat
     """The complete checkpoint `name` at `into`/name, each file checked against the index's
     size and sha256, published by a rename; once per run directory whichever process of the
     node (or of the nodes sharing it) asks first."""
+    files = index["complete"][name]["files"]
+    _check_names(remote, name, files)
     into.mkdir(parents=True, exist_ok=True)
     path = into / name
     fd = os.open(into / ".download.lock", os.O_RDWR | os.O_CREAT | fsio.NOFOLLOW, 0o600)
     with fsio.lock_held(fd):
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if path.exists():  # another process of this run directory fetched it meanwhile
+        if marker(path).exists() and path.exists():  # another process fetched it meanwhile
             return path
         tmp = fsio.temp_path(path)
         try:
-            for obj, (size, sha256) in index["complete"][name]["files"].items():
-                target = tmp.parent / obj.replace(name, tmp.name, 1)
+            for obj, (size, sha256) in files.items():
+                target = tmp.parent / (tmp.name + obj[len(name) :])
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with open(target, "wb") as out:
-                    _, digest = remote.download(obj, out, size)
+                    try:
+                        _, digest = remote.download(obj, out, size)
+                    except storage.PERMANENT as e:
+                        raise UserError(
+                            f"cannot download {storage.shown(remote.url(obj))}, which {INDEX} "
+                            f"names: {reason(e)}"
+                        ) from None
                 if digest != sha256:
                     raise storage.Unverified(
                         f"{storage.shown(remote.url(obj))}: sha256 {digest[:16]}… downloaded, "
                         f"{INDEX} says {sha256[:16]}…"
                     )
+            fsio.write_text(marker(path), storage.shown(remote.url(name)) + "\n")
+            fsio.remove(path)  # one of the same name that did not load
             fsio.replace(tmp, path)
         finally:
             fsio.remove(tmp)
     return path
+
+
+def _check_names(remote: storage.Remote, name: str, files: dict[str, Any]) -> None:
+    """The index comes from the bucket: it names a checkpoint of this run and objects inside it,
+    never a path that would land elsewhere."""
+    inside = all(
+        obj == name or (obj.startswith(name + "/") and ".." not in obj.split("/")) for obj in files
+    )
+    if not (NAME.match(name) and files and inside):
+        raise UserError(
+            f"{storage.shown(remote.url(INDEX))} names {name!r} with objects "
+            f"{sorted(files)[:3]}: not a checkpoint of this run (step_NNNNNNNN[.pt][/...])"
+        )

@@ -342,6 +342,11 @@ class CkptConfig:
     retry_s: float = _f(
         300.0, "ckpt.remote: how long a failed upload or download is retried before it gives up"
     )
+    upload_wait_s: float = _f(
+        80.0,
+        "ckpt.remote, on preemption: how long the exit waits for uploads before it requeues "
+        "anyway (inside Slurm's notice and torchrun's shutdown timeout)",
+    )
 
     def __post_init__(self) -> None:
         url = storage.is_url(self.remote) and not self.remote.startswith(storage.PIPE)
@@ -350,8 +355,9 @@ class CkptConfig:
                 f"ckpt.remote={self.remote!r} is not a URL: give s3://bucket/prefix, "
                 "http(s)://host/path (a server that takes PUT), file:///path or another fsspec URL"
             )
-        if self.retry_s < 0:
-            raise UserError(f"config key 'ckpt.retry_s' must be >= 0, got {self.retry_s}")
+        for key in ("retry_s", "upload_wait_s"):
+            if getattr(self, key) < 0:
+                raise UserError(f"config key 'ckpt.{key}' must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 
 from distnn.errors import UserError
 
-_SPEC = re.compile(r"^(raise|crash|kill|nan)@step:(\d+),rank:(\d+)$|^(kill)@(upload):(\d+)$")
+_SPEC = re.compile(r"^(raise|crash|kill|nan)@step:(\d+),rank:(\d+)$|^kill@upload:(\d+)$")
 CRASH_EXIT_CODE = 86
 
 
@@ -67,5 +67,5 @@ def from_env(environ: Mapping[str, str] | None = None) -> Fault | None:
             "nor kill@upload:N"
         )
     if m.group(4):
-        return Fault("kill", int(m.group(6)), 0, "upload")
+        return Fault("kill", int(m.group(4)), 0, "upload")
     return Fault(m.group(1), int(m.group(2)), int(m.group(3)))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distnn import checkpoint, config, models, safeload
+from distnn import checkpoint_files, config, models, safeload
 from distnn.data.sources import read_image
 from distnn.data.transforms import EvalTransform
 from distnn.errors import UserError, cli
@@ -40,7 +40,7 @@ class Predictor:
             model = models.build_named(cfg.model.name, len(self.classes), self.size,
                                        cfg.model.kwargs)  # fmt: skip
         self.model = model
-        self.model.load_state_dict(checkpoint.model_state(state))
+        self.model.load_state_dict(checkpoint_files.model_state(state))
         self.model.to(device).eval()
         self.transform = EvalTransform(self.size)
         self.mean = torch.tensor(state["mean"], device=device).view(1, 3, 1, 1)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[list[tuple[str, float]]]:
     args = parser().parse_args(argv)
     if args.topk < 1:
         raise UserError(f"--topk must be >= 1, got {args.topk}")
-    state = checkpoint.load_any(args.checkpoint, safeload.Trust("--trust", args.trust))
+    state = checkpoint_files.load_any(args.checkpoint, safeload.Trust("--trust", args.trust))
     predictor = Predictor(state, torch.device(args.device), model=named_model(args.model, state))
     results = predictor.top(args.images, args.topk)
     for path, top in zip(args.images, results, strict=True):

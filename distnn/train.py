@@ -140,6 +140,8 @@ def _train(
     with dist.process_group(env, cfg.dist, alone=strategy.collective):
         forward = run = preemption = engine = None
         try:
+            # Nodes with run directories of their own may hold different checkpoints.
+            dist.agree(start, "the step they resume from", "give every node one run directory")
             forward = strategy.setup(model, optimizers, schedule, Averaging(cfg.train))
             seed_everything(cfg.train.seed + env.rank)  # dropout and friends differ per rank
             run = monitor.Run(cfg, env, steps, start)
@@ -167,7 +169,7 @@ def _train(
             run.message(f"done: {summary['steps']} steps, val_top1 {top1:.4f} -> {cfg.run_dir}")
         except preempt.Preempted:
             run.message(f"preempted at step {engine.pos.step}: checkpoint saved, exiting 75")
-            ckpt.finish(device)  # before the requeue, which ends this job's processes
+            ckpt.finish(device, cfg.ckpt.upload_wait_s)  # the requeue ends this job
             if env.is_main and cfg.ckpt.requeue:
                 preempt.requeue()
             raise

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distnn import checkpoint, config, safeload
+from distnn import checkpoint, checkpoint_files, config, safeload
 from distnn.monitor import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -406,7 +406,7 @@ def final_weights(run_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """The model state of a run's newest checkpoint (consolidated where ZeRO split it; the
     test's own runs, so DeepSpeed's pickled shards too), or the EMA of its weights."""
     state = checkpoint.load_file(run_dir, safeload.Trust("", own=run_dir))
-    return checkpoint.model_state(state, ema=ema)
+    return checkpoint_files.model_state(state, ema=ema)
 
 
 def final_ema(run_dir: Path) -> dict[str, torch.Tensor]:

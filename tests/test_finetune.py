@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distnn import checkpoint, config, models
+from distnn import checkpoint, checkpoint_files, config, models
 from distnn.data import digits
 from distnn.errors import UserError
 from distnn.optim import Optimizers
@@ -127,7 +127,7 @@ def test_freeze_and_head_learning_rate(pretrained):
     assert [g["lr"] for g in groups] == pytest.approx([0.03, 0.03, 0.3, 0.3])
     assert sum(len(g["params"]) for g in groups[2:]) == 2  # classifier.3's weight and bias
     train(cfg)
-    after = checkpoint.model_state(checkpoint.load_file(cfg.run_dir))
+    after = checkpoint_files.model_state(checkpoint.load_file(cfg.run_dir))
     saved = load_file(export)
     assert all(torch.equal(after[k], saved[k]) for k in after if k.startswith("features."))
     assert not torch.equal(after["classifier.1.weight"], saved["classifier.1.weight"])

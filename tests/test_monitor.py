@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from distnn import checkpoint, config
+from distnn import checkpoint_files, config
 from distnn.monitor import Run, read_metrics, wandb_reader
 from distnn.monitor import throughput as tp
 from distnn.monitor import wandb as wandb_sink
@@ -119,9 +119,10 @@ def test_offline_wandb_run_record_summary_images_and_model(trained):
     image = Image.open(path / "files" / grids[0]["path"])
     assert image.size == (6 * 34 + 2, 6 * 34 + 2)  # 32 images of 32 px, 6 per row, 2 px gaps
     # log_checkpoints: the exported model (what predict reads) is the artifact's file.
-    exported = checkpoint.load_any(cfg.run_dir / "model.safetensors")
+    exported = checkpoint_files.load_any(cfg.run_dir / "model.safetensors")
     assert len(exported["classes"]) == 10 and exported["config"]["run"]["name"] == "watched"
-    assert set(exported["model"]) == set(checkpoint.model_state(checkpoint.load_file(cfg.run_dir)))
+    weights = checkpoint_files.model_state(checkpoint_files.load_file(cfg.run_dir))
+    assert set(exported["model"]) == set(weights)
     artifacts = [r for r in wandb_reader.records(path) if r.WhichOneof("record_type") == "artifact"]
     assert len(artifacts) == 1 and artifacts[0].artifact.type == "model"
     files = {e.path for e in artifacts[0].artifact.manifest.contents}

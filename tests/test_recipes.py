@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from distnn import checkpoint, config, mixing
+from distnn import checkpoint, checkpoint_files, config, mixing
 from distnn.ema import Averaging
 from distnn.errors import UserError
 from distnn.monitor import read_metrics
@@ -144,7 +144,7 @@ def test_best_checkpoint_follows_the_ema_metric_and_the_ema_export_predicts(make
     assert json.loads(out.with_suffix(".json").read_text())["weights"] == "ema"
     exported = load_file(out)
     ema = checkpoint.load_file(cfg.run_dir)["strategy"]["ema"]
-    plain = checkpoint.model_state(checkpoint.load_file(cfg.run_dir))
+    plain = checkpoint_files.model_state(checkpoint.load_file(cfg.run_dir))
     assert exported.keys() == plain.keys()
     for k in plain:
         torch.testing.assert_close(exported[k], ema[k], rtol=0, atol=0)

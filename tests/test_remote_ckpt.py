@@ -263,3 +263,89 @@ def test_an_http_server_that_takes_put_holds_the_checkpoints(tmp_path, capfd):
         http.stop()
     assert f"resumed at step 6 from {url}/step_00000006.pt" in capfd.readouterr().out
     assert [r["step"] for r in read_metrics(tmp_path / "second") if "loss" in r] == [7, 8]
+
+
+def test_a_newer_local_checkpoint_that_does_not_load_yields_to_the_bucket(tmp_path):
+    bucket_url = f"file://{tmp_path / 'bucket'}"
+    run_dir = tmp_path / "run"
+    one_process(run_dir, "train.max_steps=8", "ckpt.keep=10", f"ckpt.remote={bucket_url}")
+    newest = run_dir / "checkpoints" / "step_00000008.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # the local disk's copy is cut short
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        one_process(run_dir, "train.max_steps=10", f"ckpt.remote={bucket_url}")
+    # From the bucket's step 8 (downloaded over the broken file), not the local step 6.
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r][-2:] == [9, 10]
+    # It stays the bucket's file (the safe loader's rules), as a marker beside it says.
+    mark = run_dir / "checkpoints" / ".step_00000008.pt.remote"
+    assert mark.read_text().strip() == f"{bucket_url}/step_00000008.pt"
+
+
+def test_an_index_naming_paths_outside_the_checkpoint_is_refused(tmp_path):
+    root = tmp_path / "bucket"
+    root.mkdir()
+    (root / "index.json").write_text(json.dumps({
+        "format": 1, "best": None, "uploading": None, "stale": [],
+        "complete": {"step_00000004.pt": {"step": 4, "files": {"../../evil.pt": [1, "00"]}}},
+    }))  # fmt: skip
+    with pytest.raises(UserError, match=r"names 'step_00000004.pt' with objects \['../../evil"):
+        one_process(tmp_path / "run", "train.max_steps=8", f"ckpt.remote=file://{root}")
+    assert not (tmp_path / "evil.pt").exists()
+
+
+def test_preemption_stops_waiting_after_upload_wait_s(tmp_path, s3):
+    run_dir = tmp_path / "job"
+    command = job(run_dir, "ddp", s3, "train.max_steps=400", "ckpt.upload_wait_s=3")
+    out = tmp_path / "job.out"
+    proc = start(command, s3.env, out)
+    wait_until(lambda: index(s3)["complete"], proc, out, "an upload")
+    s3.gate.close()  # and it stays closed
+    os.kill(sorted(worker_pids(proc.pid))[-1], signal.SIGUSR1)
+    proc.wait(timeout=120)
+    text = out.read_text()
+    assert re.search(rf"exitcode *: {PREEMPTED_EXIT_CODE}", text), text[-3000:]
+    stopped = int(text.split("preempted at step ")[1].split(":")[0])
+    assert "warning: stopped waiting after 3 s (ckpt.upload_wait_s)" in text
+    assert max(c["step"] for c in index(s3)["complete"].values()) < stopped
+
+
+def _agree(rank: int, store: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as td
+
+    from distnn.parallel import dist
+
+    td.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                          timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    try:
+        dist.agree(8, "the same thing", "no remedy needed")  # alike: nothing said
+        dist.agree(8 if rank == 0 else 4, "the step they resume from", "share a run directory")
+    except UserError as e:
+        Path(f"{out}.{rank}").write_text(str(e))
+    finally:
+        td.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_would_resume_from_different_steps_stop_in_one_line(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree, args=(str(tmp_path / "store"), str(tmp_path / "err")), nprocs=2)
+    want = ("the ranks differ in the step they resume from (rank 0: 8, rank 1: 4): "
+            "share a run directory")  # fmt: skip
+    assert [(tmp_path / f"err.{r}").read_text() for r in (0, 1)] == [want, want]
+
+
+def test_a_deepspeed_checkpoint_from_the_bucket_needs_the_users_trust(tmp_path):
+    """DeepSpeed's directory is pickles: from the bucket, not the run's own files."""
+    common = [*FAST, f"run.dir={tmp_path}", "data.synthetic_train=64", "data.synthetic_val=16",
+              "train.batch_size=8", "ckpt.every_steps=2", "strategy.name=deepspeed",
+              f"ckpt.remote=file://{tmp_path / 'bucket'}"]  # fmt: skip
+    r = run_cli("-m", "distnn.train", *common, "run.name=first", "train.max_steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("-m", "distnn.train", *common, "run.name=second", "train.max_steps=6")
+    assert r.returncode == 2 and "add ckpt.resume_trusted=true" in r.stderr, r.stderr[-3000:]
+    r = run_cli("-m", "distnn.train", *common, "run.name=second", "train.max_steps=6",
+                "ckpt.resume_trusted=true")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed at step 4 from file://{tmp_path / 'bucket'}/step_00000004 " in r.stdout

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from distnn import checkpoint, config, data, models
+from distnn import checkpoint, checkpoint_files, config, data, models
 from distnn.data import manifest as mf
 from distnn.data import shard as sharder
 from distnn.data.order import ShardOrder
@@ -456,7 +456,7 @@ def test_torchrun_two_ranks_from_shards(tmp_path, make_cfg, small):
     assert summary["world_size"] == 2 and summary["steps"] == 8
     # 2 ranks × 2 workers reported the top-1 one process measures on the final weights.
     model = models.build("tutorial_cnn", 10, 32).eval()
-    model.load_state_dict(checkpoint.model_state(checkpoint.load_file(tmp_path / "sh")))
+    model.load_state_dict(checkpoint_files.model_state(checkpoint.load_file(tmp_path / "sh")))
     loaders = data.build(shards_cfg(make_cfg, small), Env())
     hits = n = 0
     with torch.no_grad():

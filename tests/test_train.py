@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from distnn import checkpoint, config
+from distnn import checkpoint, checkpoint_files, config
 from distnn.monitor import read_metrics
 from distnn.train import train
 from tests.conftest import assert_same_params, final_weights
@@ -126,8 +126,8 @@ def test_resume_continues_the_same_loss_curve(make_cfg, tmp_path):
     assert sorted(after) == list(range(6, 21))  # 160 // 16 = 10 steps/epoch, resumed at 5
     for step in after:  # alexnet has dropout: the RNG state is restored too
         assert after[step] == pytest.approx(before[step], rel=1e-6), step
-    a = checkpoint.model_state(checkpoint.load_file(full.run_dir))
-    b = checkpoint.model_state(checkpoint.load_file(resumed.run_dir))
+    a = checkpoint_files.model_state(checkpoint.load_file(full.run_dir))
+    b = checkpoint_files.model_state(checkpoint.load_file(resumed.run_dir))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 
@@ -181,8 +181,8 @@ def test_extending_a_max_steps_run_continues_mid_epoch(make_cfg, capsys):
     reference = {r["step"]: r["loss"] for r in read_metrics(whole.run_dir) if "loss" in r}
     assert sorted(losses) == list(range(1, 14))
     assert losses == pytest.approx(reference, rel=1e-6)
-    a = checkpoint.model_state(checkpoint.load_file(grown.run_dir))
-    b = checkpoint.model_state(checkpoint.load_file(whole.run_dir))
+    a = checkpoint_files.model_state(checkpoint.load_file(grown.run_dir))
+    b = checkpoint_files.model_state(checkpoint.load_file(whole.run_dir))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 

@@ -125,6 +125,17 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return all_reduce_sum(t).item() > 0.0
 
 
+def agree(value: object, what: str, remedy: str) -> None:
+    """One line on every rank where the ranks hold different values of `what`."""
+    if not (td.is_initialized() and td.get_world_size() > 1):
+        return
+    values: list[object] = [None] * td.get_world_size()
+    td.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        each = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise UserError(f"the ranks differ in {what} ({each}): {remedy}")
+
+
 def barrier() -> None:
     if td.is_initialized() and td.get_world_size() > 1:
         td.barrier()
