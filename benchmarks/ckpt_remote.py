@@ -59,10 +59,42 @@ def run(quick: bool, repeats: int, every: int, out: Path) -> dict:
         try:
             for name, (model, x) in models(quick).items():
                 row = measure(name, model, x, repeats, every, server.root, base / name)
+                row.update(upload_cpu(server, base / name / "local" / "checkpoints"))
                 results["rows"].append(row)
         finally:
             server.stop()
     return save(out, "ckpt_remote", results, markdown)
+
+
+def upload_cpu(server, checkpoints: Path) -> dict:
+    """CPU seconds one upload of the newest checkpoint costs this process (hashing and
+    sending) and the S3 server, measured alone: on this machine the server shares the cores
+    with training, which a bucket elsewhere does not."""
+    import resource
+
+    from distnn.checkpoint_files import NAME
+    from distnn.checkpoint_remote import Mirror, empty_index
+
+    def server_cpu() -> float:
+        fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def own_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    from distnn import storage
+
+    newest = max(p for p in checkpoints.iterdir() if NAME.match(p.name))
+    mirror = Mirror(storage.Remote(f"{server.root}/cpu"), checkpoints, 1, empty_index())
+    mirror.submit(newest, best=False)  # a warm-up: the client is made on the first call
+    mirror.wait()
+    client, served = own_cpu(), server_cpu()
+    mirror.submit(newest, best=False)
+    mirror.wait()
+    figures = {"client_cpu_s": own_cpu() - client, "server_cpu_s": server_cpu() - served}
+    mirror.close()
+    return figures
 
 
 def measure(name: str, model: nn.Module, x: torch.Tensor, repeats: int, every: int, url: str,
@@ -130,18 +162,22 @@ def markdown(results: dict) -> str:
         f"checkpoint every {results['every']} steps through checkpoint.Manager; moto's S3 "
         f"server on 127.0.0.1. {results['repeats']} checkpoints per side, ABBA order: median "
         "(min – max) seconds. Step time ratio: the steps after a save, while its upload runs in "
-        "the background, over the same steps after a local save. Upload left: how long the "
+        "the background, over the same steps after a local save; on this machine the S3 server "
+        "shares the 2 cores with training, and the upload CPU column (one upload, measured "
+        "alone) says how much of that cost is the server's. Upload left: how long the "
         "upload still ran after those steps (the next save would not wait for it: it would "
         "supersede the one waiting).",
         "",
         "| model | checkpoint | stall, local | stall, ckpt.remote | ratio | step time ratio "
+        "| upload CPU s: distnn, S3 server "
         "| upload left (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [
         f"| {r['model']} | {r['checkpoint_bytes'] / 2**20:,.0f} MiB "
         f"| {spread(r['stall_local'], '.3f')} | {spread(r['stall_remote'], '.3f')} "
-        f"| {r['stall_ratio']:.2f} | {r['step_ratio']:.2f} | {spread(r['drain_s'], '.1f')} |"
+        f"| {r['stall_ratio']:.2f} | {r['step_ratio']:.2f} "
+        f"| {r['client_cpu_s']:.2f}, {r['server_cpu_s']:.2f} | {spread(r['drain_s'], '.1f')} |"
         for r in results["rows"]
     ]
     return "\n".join(lines) + "\n"
