@@ -20,7 +20,7 @@ from distnn.data import Loaders
 from distnn.data.prefetch import DevicePrefetcher
 from distnn.errors import UserError
 from distnn.mixing import Mixer
-from distnn.monitor import Run
+from distnn.monitor import Run, ranks
 from distnn.monitor.throughput import Throughput
 from distnn.parallel import dist
 from distnn.parallel.strategy import Strategy
@@ -110,6 +110,7 @@ class Engine:
         self.start = time.perf_counter()
         self.fault = faults.from_env()
         self.rank = dist.rank()
+        self.phases = ranks.Phases(self.rank, self.fault)
         self.skip_nonfinite = t.nonfinite == "skip"
         self.meters = Meters(self.device)
 
@@ -173,6 +174,7 @@ class Engine:
     def save(self, best: bool = False) -> None:
         if self.ckpt.last_saved_step == self.pos.step and not best:
             return
+        self.phases.enter("stall", self.pos.step)
         if not torch.isfinite(self.meters.loss_sum).item():  # never checkpoint a diverged model
             raise UserError(
                 f"non-finite training loss before step {self.pos.step}; not checkpointing it"
@@ -220,6 +222,7 @@ class Engine:
         batches = iter(self._batches(self.loaders.train))
         exhausted = False
         while self.pos.step < self.total:
+            self.phases.enter("data", self.pos.step + 1)
             waited = time.perf_counter()
             batch = next(batches, None)
             self.meter.add_wait(time.perf_counter() - waited)
@@ -233,8 +236,10 @@ class Engine:
                 )
             self.pos.batch += 1
             final = self.pos.batch % self.cfg.train.accum_steps == 0
+            self.phases.enter("compute", self.pos.step + 1)
             self.forward_backward(*batch, final=final)
             if final:
+                self.phases.enter("optimizer", self.pos.step + 1)
                 self.optimizer_step()
         if not exhausted and self.pos.batch < self.loaders.steps_per_epoch:
             return False
@@ -337,6 +342,7 @@ class Engine:
 
     def validate(self) -> bool:
         """Evaluate, log the record; whether it is the best so far (checkpoints/best)."""
+        self.phases.enter("stall", self.pos.step)
         self.last_val = self.evaluate()
         if self.strategy.ema is not None:
             with self.strategy.ema.swapped():
