@@ -252,6 +252,20 @@ class TrainConfig:
 class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = _f("auto", "auto: nccl on CUDA, gloo on CPU")
     timeout_s: float = _f(600.0, "timeout of process-group setup and every collective")
+    hang_s: float | None = _f(
+        None,
+        "a rank that makes no progress this long writes its stacks to <run dir>/hang/ and the "
+        "job names the rank that is stuck (default: 3/4 of timeout_s; 0: no watchdog)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.hang_s is not None and self.hang_s < 0:
+            raise UserError(f"config key 'dist.hang_s' must be >= 0 (0: off), got {self.hang_s}")
+
+    @property
+    def hang_after_s(self) -> float:
+        """Seconds without progress before the watchdog reports; 0: never."""
+        return self.timeout_s * 0.75 if self.hang_s is None else self.hang_s
 
 
 @dataclass
@@ -377,6 +391,56 @@ class WandbConfig:
 
 
 @dataclass
+class MonitorConfig:
+    straggler_ratio: float = _f(
+        1.2, "a rank slower than the median rank by more than this is a straggler"
+    )
+    straggler_intervals: int = _f(
+        3, "log intervals in a row a rank must be slow before the console names it"
+    )
+
+    def __post_init__(self) -> None:
+        if self.straggler_ratio <= 1:
+            raise UserError(
+                f"config key 'monitor.straggler_ratio' must be > 1, got {self.straggler_ratio}"
+            )
+        if self.straggler_intervals < 1:
+            raise UserError(
+                "config key 'monitor.straggler_intervals' must be >= 1, got "
+                f"{self.straggler_intervals}"
+            )
+
+
+@dataclass
+class ProfConfig:
+    steps: str = _f(
+        "", "START:END: a torch.profiler trace of these optimizer steps in <run dir>/profile/"
+    )
+    ranks: list[int] | None = _f(None, "the ranks that record the window (default: all)")
+    memory_snapshot: bool = _f(
+        False,
+        "CUDA: record allocator history over the window (or the run) and write a snapshot for "
+        "pytorch.org/memory_viz at its end and on out-of-memory",
+    )
+    top_ops: int = _f(15, "rows of the printed table of ops by self time")
+
+    def __post_init__(self) -> None:
+        if self.steps and self.window is None:
+            raise UserError(
+                f"prof.steps={self.steps!r} is not START:END with 1 <= START <= END "
+                "(optimizer steps, e.g. prof.steps=20:25)"
+            )
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """(first, last) optimizer step of the window; None when off or malformed."""
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", self.steps)
+        if m is None or not 1 <= int(m[1]) <= int(m[2]):
+            return None
+        return int(m[1]), int(m[2])
+
+
+@dataclass
 class LogConfig:
     progress: Literal["auto", "bar", "lines", "off"] = _f(
         "auto", "console: auto = progress bar on a TTY, plain lines otherwise"
@@ -399,6 +463,8 @@ class Config:
     strategy: StrategyConfig = _section(StrategyConfig, "how work is split across processes")
     ckpt: CkptConfig = _section(CkptConfig, "checkpoints and resume")
     log: LogConfig = _section(LogConfig, "console and trackers")
+    monitor: MonitorConfig = _section(MonitorConfig, "per-rank timings and stragglers")
+    prof: ProfConfig = _section(ProfConfig, "torch.profiler window")
 
     @property
     def run_dir(self) -> Path:
@@ -690,6 +756,12 @@ def for_world(cfg: Config, world_size: int, local_world_size: int = 1) -> Config
     """The config as this job runs it: batch_size derived from train.global_batch, and
     data.workers from the node's CPUs where unset. The run saves this resolved config."""
     t, d = cfg.train, cfg.data
+    strays = [r for r in cfg.prof.ranks or () if not 0 <= r < world_size]
+    if strays:
+        raise UserError(
+            f"prof.ranks={cfg.prof.ranks} names ranks {strays} of a job of {world_size} "
+            f"processes; valid: 0..{world_size - 1}"
+        )
     if d.workers is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, workers=default_workers(
             local_world_size)))  # fmt: skip

@@ -104,13 +104,15 @@ class Engine:
         self.steps_per_epoch = self.loaders.steps_per_epoch // t.accum_steps
         # Memory on every read; on CUDA also TFLOP/s and MFU (FLOPs counted once, here).
         self.meter = Throughput.for_model(
-            dist.world_size(), self.strategy.unwrap(), self.cfg.data.image_size, self.device
+            self.strategy.unwrap(), self.cfg.data.image_size, self.device
         )
         self.last_val: dict[str, float] = {}
         self.start = time.perf_counter()
         self.fault = faults.from_env()
         self.rank = dist.rank()
-        self.phases = ranks.Phases(self.rank, self.fault)
+        self.ranks = ranks.Ranks(self.cfg.monitor, self.device, self.fault)
+        self.phases = self.ranks.phases
+        self.strategy.on_comm(lambda: self.phases.enter("comm", self.pos.step + 1))
         self.skip_nonfinite = t.nonfinite == "skip"
         self.meters = Meters(self.device)
 
@@ -222,10 +224,7 @@ class Engine:
         batches = iter(self._batches(self.loaders.train))
         exhausted = False
         while self.pos.step < self.total:
-            self.phases.enter("data", self.pos.step + 1)
-            waited = time.perf_counter()
-            batch = next(batches, None)
-            self.meter.add_wait(time.perf_counter() - waited)
+            batch = self.next_batch(batches)
             if batch is None:
                 exhausted = True
                 break
@@ -236,7 +235,6 @@ class Engine:
                 )
             self.pos.batch += 1
             final = self.pos.batch % self.cfg.train.accum_steps == 0
-            self.phases.enter("compute", self.pos.step + 1)
             self.forward_backward(*batch, final=final)
             if final:
                 self.phases.enter("optimizer", self.pos.step + 1)
@@ -247,7 +245,12 @@ class Engine:
         self.pos.batch = 0
         return True
 
+    def next_batch(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self.phases.enter("data", self.pos.step + 1)
+        return next(batches, None)
+
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, final: bool) -> None:
+        self.phases.enter("compute", self.pos.step + 1)
         accum = self.cfg.train.accum_steps
         # Non-final micro-batches only accumulate locally: no gradient all-reduce.
         if self.mixer is not None:
@@ -317,12 +320,9 @@ class Engine:
     def _log_train(
         self, loss_sum: torch.Tensor, micro_count: int, grad_norm: torch.Tensor | None
     ) -> None:
-        # The one host sync of a log interval: the loss summed over ranks.
-        count = torch.tensor(float(micro_count), device=self.device)
-        totals = dist.all_reduce_sum(torch.stack([loss_sum, count]))
-        loss = (totals[0] / totals[1]).item()
+        # The one host sync of a log interval: every rank's loss sum, images and phase times.
+        loss, rates, stragglers = self.ranks.interval(loss_sum, micro_count, self.meter.read())
         self.meters.last_train_loss = loss
-        rates = self.meter.read()
         self.meters.images_per_sec = rates["images_per_sec"]
         record = {
             "step": self.pos.step,
@@ -330,7 +330,9 @@ class Engine:
             "loss": loss,
             "lr": self.strategy.lr(),
             "elapsed_s": time.perf_counter() - self.start,  # since this attempt's fit() began
-            **rates,  # images/s, step time, data wait, memory; on CUDA TFLOP/s and MFU
+            # images/s, step time, data wait, memory; on CUDA TFLOP/s and MFU; each phase's
+            # seconds per step over the ranks (max, median, min) and the slowest rank
+            **rates,
             # non-finite steps dropped, plus fp16 steps the loss scaler skipped
             "skipped_steps": self.meters.skipped + int(self.meters.overflows),
             "data_errors": self.loaders.errors.skipped,  # unreadable samples, this rank
@@ -339,6 +341,8 @@ class Engine:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         self.run.log(record)
+        for line in stragglers:
+            self.run.message(line)
 
     def validate(self) -> bool:
         """Evaluate, log the record; whether it is the best so far (checkpoints/best)."""
@@ -362,6 +366,7 @@ class Engine:
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
         for x, y in self._eval_batches():
+            self.phases.enter("stall", self.pos.step)  # progress, for the watchdog
             with self.precision.autocast():
                 logits = model(x)
             loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")

@@ -34,6 +34,7 @@ from distnn.config import Config
 from distnn.ema import Averaging
 from distnn.engine import Engine, total_steps
 from distnn.errors import UserError, cli
+from distnn.monitor.watchdog import flight_recorder
 from distnn.parallel import dist
 
 
@@ -137,8 +138,9 @@ def _train(
 
     ckpt.discard_lost(state)  # after every check of the input: a refused run removes nothing
 
+    flight_recorder(cfg.run_dir)  # every collective recorded: what a hang waits in
     with dist.process_group(env, cfg.dist, alone=strategy.collective):
-        forward = run = preemption = engine = None
+        forward = run = preemption = engine = watching = None
         try:
             # Nodes with run directories of their own may hold different checkpoints.
             dist.agree(start, "the step they resume from", "give every node one run directory")
@@ -157,12 +159,14 @@ def _train(
                 cfg, strategy, forward, loaders, precision, device, run, ckpt, preemption,
                 loss=mixing.build_loss(cfg.train), mixer=mixer,
             )  # fmt: skip
+            watching = monitor.watch(cfg, engine.ranks, run, device, lambda: preemption.flag)
             if state is not None:
                 engine.load_state_dict(state)
                 run.message(f"resumed at step {start} from {ckpt.origin}")
                 for note in resume.resume_notes(state, cfg, env.world_size):
                     run.message(note)
             summary = engine.fit()
+            watching.close()  # no hang reports while the uploads finish; the trace written
             ckpt.finish(device)  # the bucket holds the last checkpoint before any rank exits
             run.summary(summary)
             top1 = summary.get("val_top1", float("nan"))
@@ -175,6 +179,8 @@ def _train(
             raise
         finally:
             try:  # closing the run writes too, and a full disk fails it: the strategy still goes
+                if watching is not None:  # the profile window's trace is written here
+                    watching.close()
                 if preemption is not None:
                     preemption.close()
                 ckpt.close()

@@ -10,7 +10,10 @@ rounding) in each process.
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,3 +262,42 @@ def test_zero2_with_fused_adam_trains_as_torch_adamw(tmp_path):
     assert "ZeRO-2" in r.stdout and "optimizer FusedAdam" in r.stdout, r.stdout[-2000:]
     assert losses(zero2) == pytest.approx(losses(torch_run), rel=1e-4) and len(losses(zero2)) == 8
     assert_same_params(final_weights(zero2), final_weights(torch_run), rtol=1e-4, atol=1e-5)
+
+
+# --- seeing inside a run (monitor/ranks.py, profile.py, watchdog.py) ---------------------------
+
+
+@pytest.mark.timeout(300)
+def test_cuda_phase_times_a_profile_window_and_a_memory_snapshot(tmp_path):
+    run = tmp_path / "prof"
+    r = launch(run, *COMMON, "strategy.name=ddp", "prof.steps=3:5", "prof.memory_snapshot=true",
+               nproc=1)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rec in [m for m in read_metrics(run) if "loss" in m][1:]:  # CUDA events, per step
+        phases = sum(rec[f"{p}_s_median"] for p in ("data", "compute", "comm", "optimizer"))
+        assert rec["compute_s_median"] > 0 and phases <= 1.5 * rec["step_time_s"], rec
+    trace = json.loads(gzip.decompress((run / "profile" / "rank_0.pt.trace.json.gz").read_bytes()))
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert {"distnn.data", "distnn.compute", "distnn.optimizer"} <= names
+    assert any(e.get("cat") == "kernel" for e in trace["traceEvents"])  # CUDA activity
+    snapshot = pickle.loads((run / "profile" / "memory_rank_0.pickle").read_bytes())
+    assert snapshot["segments"] and any(t for t in snapshot["device_traces"])
+
+
+@pytest.mark.timeout(120)
+def test_nccl_collectives_are_in_the_flight_recorder(tmp_path):
+    script = (
+        "import os, torch, torch.distributed as td\n"
+        "from pathlib import Path\n"
+        "from distnn.monitor.watchdog import flight_recorder, last_collective\n"
+        f"flight_recorder(Path({str(tmp_path)!r}))\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29533')\n"
+        "td.init_process_group('nccl', rank=0, world_size=1, device_id=torch.device('cuda', 0))\n"
+        "td.all_reduce(torch.ones(4, device='cuda'))\n"
+        "torch.cuda.synchronize()\n"
+        "print('LAST', last_collective())\n"
+        "td.destroy_process_group()\n"
+    )
+    r = run_cli("-c", script, timeout=100)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "LAST nccl:all_reduce #" in r.stdout, r.stdout

@@ -348,16 +348,16 @@ def test_peak_table_and_mfu():
     assert tp.peak_flops("NVIDIA H200") == 989e12
     assert tp.peak_flops("NVIDIA H200 NVL") == 835e12
     assert tp.peak_flops("NVIDIA GeForce RTX 4090") is None  # unknown: no MFU, not a guess
-    meter = tp.Throughput(2, torch.device("cpu"), flops_per_image=3e9, peak=989e12)
+    meter = tp.Throughput(torch.device("cpu"), flops_per_image=3e9, peak=989e12)
     meter.add(256)
     out = meter.read()
     achieved = out["images_per_sec_per_device"] * 3e9
     assert out["tflops_per_device"] == pytest.approx(achieved / 1e12)
     assert out["mfu"] == pytest.approx(achieved / 989e12)
     assert out["memory_gib"] > 0.01  # this process's RSS
-    bare = tp.Throughput(1, torch.device("cpu"), flops_per_image=3e9).read()
+    bare = tp.Throughput(torch.device("cpu"), flops_per_image=3e9).read()
     assert "mfu" not in bare and "tflops_per_device" in bare
-    cpu = tp.Throughput.for_model(1, small_convnet(), 16, torch.device("cpu")).read()
+    cpu = tp.Throughput.for_model(small_convnet(), 16, torch.device("cpu")).read()
     assert "mfu" not in cpu and "tflops_per_device" not in cpu and math.isfinite(cpu["memory_gib"])
 
 

@@ -123,6 +123,25 @@ class Run:
                 closing.callback(sink.close)
 
 
+def watch(
+    cfg: Config, ranks: Any, run: Run, device: torch.device, stopping: Callable[[], bool]
+) -> contextlib.ExitStack:
+    """This rank's watchdog (hangs) and profiler window (prof.*), closed together on exit.
+    `ranks`: the engine's monitor.ranks.Ranks; `stopping`: whether a signal asked the process
+    to stop."""
+    from distnn.monitor import profile, watchdog
+
+    stack = contextlib.ExitStack()
+    dog = watchdog.start(ranks, cfg.run_dir, cfg.dist.hang_after_s, stopping)
+    if dog is not None:
+        stack.callback(dog.close)
+    if profile.wanted(cfg.prof, ranks.me.rank, device):
+        window = profile.Window(cfg.prof, ranks.phases, ranks.me.rank, cfg.run_dir, device,
+                                run.message)  # fmt: skip
+        stack.callback(window.close)
+    return stack
+
+
 def _rewind(path: Path, step: int) -> None:
     """Drop the records past `step` from a metrics.jsonl, atomically: a resumed run logs those
     steps again, and each step stays in the file once."""

@@ -1,4 +1,5 @@
-"""Images/s, step time, data-wait share, device memory and MFU, read at log intervals only.
+"""This rank's images/s, step time, device memory and MFU, read at log intervals only (the
+whole job's figures: monitor/ranks.py).
 
 Time is taken with host timestamps; the caller reads the meter right after the log interval's
 single `.item()`, which has already waited for the device, so the figures are honest on CUDA
@@ -82,50 +83,44 @@ def memory_bytes(device: torch.device) -> int:
 class Throughput:
     def __init__(
         self,
-        world_size: int,
         device: torch.device | None = None,
         flops_per_image: float | None = None,
         peak: float | None = None,
     ) -> None:
-        self.world_size = world_size
         self.device = device
         self.flops_per_image = flops_per_image  # model FLOPs of training on one image
         self.peak = peak  # FLOP/s of one device
         self.reset()
 
     @classmethod
-    def for_model(
-        cls, world_size: int, model: nn.Module, image_size: int, device: torch.device
-    ) -> Throughput:
+    def for_model(cls, model: nn.Module, image_size: int, device: torch.device) -> Throughput:
         """A meter that also reports memory and, on CUDA, achieved TFLOP/s and MFU (the FLOPs
         are counted once, here)."""
         if device.type != "cuda":
-            return cls(world_size, device)
+            return cls(device)
         flops = train_flops_per_image(model, image_size, device)
-        return cls(world_size, device, flops, peak_flops(torch.cuda.get_device_name(device)))
+        return cls(device, flops, peak_flops(torch.cuda.get_device_name(device)))
 
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.images = 0
         self.steps = 0
-        self.wait = 0.0
 
     def add(self, images: int, steps: int = 1) -> None:
         self.images += images
         self.steps += steps
 
-    def add_wait(self, seconds: float) -> None:
-        self.wait += seconds
-
     def read(self) -> dict[str, float]:
-        """Figures since the last read; starts the next window."""
+        """Figures since the last read, with the counts behind them (images, steps, seconds);
+        starts the next window."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         per_device = self.images / elapsed
         out = {
-            "images_per_sec": per_device * self.world_size,
+            "images": float(self.images),
+            "steps": float(self.steps),
+            "seconds": elapsed,
             "images_per_sec_per_device": per_device,
             "step_time_s": elapsed / max(self.steps, 1),
-            "data_wait": self.wait / elapsed,
         }
         if self.device is not None:
             out["memory_gib"] = memory_bytes(self.device) / 2**30

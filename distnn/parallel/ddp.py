@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.distributed as td
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from distnn.config import DDPConfig
@@ -36,6 +38,7 @@ class DDP(SingleProcess):
             )
         self.cfg, self.device = cfg, device
         self.ddp: DistributedDataParallel | None = None
+        self.mark: Callable[[], None] | None = None
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.sync_batchnorm:
@@ -50,7 +53,19 @@ class DDP(SingleProcess):
             find_unused_parameters=self.cfg.find_unused_parameters,
             **{_SYNC_BUFFERS: self.cfg.broadcast_buffers},
         )
+        self.ddp.register_comm_hook(None, self._allreduce)
         return self.ddp
+
+    # No annotations: DDP checks them, and `from __future__` makes them strings.
+    def _allreduce(self, state, bucket):
+        # DDP's own all-reduce (the same hook it runs by default), and the moment the last
+        # bucket is ready: from there to the end of backward this rank waits for the others.
+        if bucket.is_last() and self.mark is not None:
+            self.mark()
+        return default_hooks.allreduce_hook(None, bucket)
+
+    def on_comm(self, mark: Callable[[], None]) -> None:
+        self.mark = mark
 
     def describe(self) -> str:
         return (

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +298,9 @@ class DeepSpeed:
         # Unmanaged accumulation already keeps gradients local until step() (ZeRO-2/3 reduce
         # each micro-batch into their shards: that is how they partition gradients).
         return contextlib.nullcontext()
+
+    def on_comm(self, mark: Callable[[], None]) -> None:
+        pass  # ZeRO reduces inside engine.backward, bucket by bucket: no single seam
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)

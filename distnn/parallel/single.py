@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,6 +54,9 @@ class SingleProcess:
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    def on_comm(self, mark: Callable[[], None]) -> None:
+        pass  # one process waits for no one
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:

@@ -57,6 +57,12 @@ class Strategy(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
+    def on_comm(self, mark: Callable[[], None]) -> None:
+        """Have backward call `mark` where this rank's own gradients are done and it starts
+        waiting for their communication (DDP: the last bucket is ready). A strategy whose
+        communication is woven through forward and backward (FSDP, DeepSpeed) or absent
+        never calls it: there the wait counts as compute."""
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm before clipping (max_norm <= 0: measure only), as a tensor."""
 

@@ -1,35 +1,28 @@
 """Train with distnn under torchrun while counting DDP's gradient all-reduces.
 
-A counting comm hook wraps the real all-reduce; rank 0 prints {"allreduce_calls": N}.
+DDP's comm hook (parallel/ddp.py, which also marks the comm phase) is wrapped by one that
+counts each bucket's all-reduce; rank 0 prints {"allreduce_calls": N}.
 """
 
 import json
 import os
 import sys
 
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
 from distnn import config
 from distnn.parallel.ddp import DDP
 from distnn.train import train
 
 calls = 0
-real_wrap = DDP.wrap
+real_allreduce = DDP._allreduce
 
 
-def counting_wrap(self, model):
-    ddp = real_wrap(self, model)
-
-    def hook(state, bucket):
-        global calls
-        calls += 1
-        return default_hooks.allreduce_hook(None, bucket)
-
-    ddp.register_comm_hook(None, hook)
-    return ddp
+def counting_allreduce(self, state, bucket):
+    global calls
+    calls += 1
+    return real_allreduce(self, state, bucket)
 
 
-DDP.wrap = counting_wrap
+DDP._allreduce = counting_allreduce
 train(config.load(None, sys.argv[1:]))
 if os.environ["RANK"] == "0":
     print(json.dumps({"allreduce_calls": calls}))
