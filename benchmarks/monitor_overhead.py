@@ -13,8 +13,8 @@ Each row builds distnn's Engine three times on the same model, batch and in-memo
   waits for it).
 Timed passes rotate ABC CBA after a warm-up of each; per pass microseconds per step; the
 overhead is each variant minus unwatched, per rotation. Rows: the tutorial CNN (32 px,
-batch 32) and one Linear layer (8 px, batch 64) in one process, and the tutorial CNN on 2
-processes (DDP over gloo on CPU, rank 0's figures).
+batch 32) and one Linear layer (8 px, batch 64), each in one process and on 2 processes (DDP
+over gloo on CPU, one thread each; rank 0's figures).
 """
 
 from __future__ import annotations
@@ -108,28 +108,29 @@ def measure(model: str, size: int, batch: int, steps: int, repeats: int, run_dir
     }  # fmt: skip
 
 
-def worker(args: list) -> None:
-    """One of the 2 torchrun processes: the DDP row; rank 0 writes it."""
+def worker(out: str, plan: list[list], repeats: int) -> None:
+    """One of the 2 torchrun processes: the 2-process rows; rank 0 writes them."""
     env = parallel.detect()
     with tempfile.TemporaryDirectory() as tmp, dist.process_group(env, config.load(None).dist):
-        row = measure(*args[1:], Path(tmp))
+        rows = [measure(*row, repeats, Path(tmp)) for row in plan]
     if env.is_main:
-        Path(args[0]).write_text(json.dumps(row))
+        Path(out).write_text(json.dumps(rows))
 
 
 def run(quick: bool, repeats: int, out: Path) -> dict:
     steps = 20 if quick else 200
+    plan = [["tutorial_cnn", 32, 32, steps // 4], ["linear", 8, 64, steps * 5]]
     results: dict = {"machine": machine(), "quick": quick, "repeats": repeats, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for model, size, batch, n in (("tutorial_cnn", 32, 32, steps // 4),
-                                      ("linear", 8, 64, steps * 5)):  # fmt: skip
-            results["rows"].append(measure(model, size, batch, n, repeats, Path(tmp)))
+        for row in plan:
+            results["rows"].append(measure(*row, repeats, Path(tmp)))
             print(line(results["rows"][-1]), flush=True)
-    plan = ["tutorial_cnn", 32, 32, steps // 4, repeats]
-    row = torchrun_job("benchmarks.monitor_overhead", 2, [f"--plan={json.dumps(plan)}"],
-                       timeout=600 + 60 * repeats, OMP_NUM_THREADS="1")  # fmt: skip
-    results["rows"].append(row)
-    print(line(row), flush=True)
+    args = [f"--plan={json.dumps(plan)}", f"--repeats={repeats}"]
+    rows = torchrun_job("benchmarks.monitor_overhead", 2, args, timeout=900 + 120 * repeats,
+                        OMP_NUM_THREADS="1")  # fmt: skip
+    for row in rows:
+        results["rows"].append(row)
+        print(line(row), flush=True)
     return save(out, "monitor_overhead", results, markdown)
 
 
@@ -171,10 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         __doc__,
         "a CI-sized run (few steps)",
     )
-    p.add_argument("--plan", help="the 2-process row (internal)")
+    p.add_argument("--plan", help="the 2-process rows (internal)")
     args = p.parse_args(argv)
     if args.worker:
-        worker([args.worker, *json.loads(args.plan)])
+        worker(args.worker, json.loads(args.plan), args.repeats)
         return
     run(args.quick, args.repeats, args.out)
 

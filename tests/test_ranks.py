@@ -62,11 +62,11 @@ def test_phases_sum_each_interval_and_count_the_running_phase_up_to_now(monkeypa
     assert heard[:4] == [("data", 1), ("compute", 1), ("comm", 1), ("optimizer", 1)]
 
 
-def rows_of(per_rank: list[dict[str, float]], steps: int = 10) -> torch.Tensor:
+def rows_of(per_rank: list[dict[str, float]], steps: int = 10) -> list[list[float]]:
     """Gathered rows (ranks.COLUMNS) of ranks that each ran `steps` steps in 1 s."""
     base = {"loss_sum": 2.0, "loss_count": 10, "images": 320, "steps": steps, "seconds": 1.0}
     full = [{**base, **dict.fromkeys(ranks.PHASES, 0.0), **r} for r in per_rank]
-    return torch.tensor([[row[c] for c in ranks.COLUMNS] for row in full], dtype=torch.float64)
+    return [[float(row[c]) for c in ranks.COLUMNS] for row in full]
 
 
 def test_the_job_figures_come_from_every_rank():
@@ -101,6 +101,11 @@ def test_a_straggler_is_named_once_per_episode_with_its_slow_phase():
     # A rank that only waits longer (comm) is not slow: its peers are.
     waiting = [{"compute": 0.5, "comm": 3.0}] + [{"compute": 0.5}] * 3
     assert not any(watch.update(ranks.summarize(rows_of(waiting))) for _ in range(3))
+    # Twice as slow at sub-millisecond steps, but under a millisecond lost per step: jitter.
+    jitter = [{"compute": 0.004}] * 3 + [{"compute": 0.009}]  # per 10 steps
+    assert not any(watch.update(ranks.summarize(rows_of(jitter))) for _ in range(3))
+    longer = ranks.summarize(rows_of(jitter, steps=4))  # 1.25 ms lost per step: a straggler
+    assert [len(watch.update(longer)) for _ in range(2)] == [0, 1]
 
 
 @pytest.mark.parametrize(
@@ -394,6 +399,6 @@ def test_the_overhead_benchmark_runs_every_row(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "monitor_overhead.json").read_text())["rows"]
     assert [(row["model"], row["world_size"]) for row in rows] == [
-        ("tutorial_cnn", 1), ("linear", 1), ("tutorial_cnn", 2)]  # fmt: skip
+        ("tutorial_cnn", 1), ("linear", 1), ("tutorial_cnn", 2), ("linear", 2)]  # fmt: skip
     assert all(row["unwatched_us_per_step"]["median"] > 0 for row in rows)
     assert "| linear 8 px, batch 64 | 1 |" in (tmp_path / "monitor_overhead.md").read_text()

@@ -33,6 +33,9 @@ from distnn.parallel.env import detect
 
 PHASES = ("data", "compute", "comm", "optimizer", "stall")
 WAITING = ("comm",)  # a rank here waits for the others: not the time that makes a rank slow
+# A straggler must also lose this much per step: at sub-millisecond steps the OS scheduler's
+# jitter alone passes any ratio, and no job is slowed by a rank that costs it less.
+STRAGGLER_FLOOR_S = 0.001
 DESCRIBE = {
     "data": "data wait",
     "compute": "forward/backward",
@@ -125,16 +128,18 @@ _all_gather = getattr(td, "all_gather_single", None) or td.all_gather_into_tenso
 COLUMNS = ("loss_sum", "loss_count", "images", "steps", "seconds", *PHASES)
 
 
-def gather(loss_sum: torch.Tensor, figures: dict[str, float]) -> torch.Tensor:
-    """Every rank's row (COLUMNS) on the host, one row per rank: one all-gather of
-    len(COLUMNS) numbers per rank, and the interval's one host sync."""
-    host = torch.tensor([figures[c] for c in COLUMNS[1:]], dtype=torch.float64)
-    row = torch.cat([loss_sum.detach().double().reshape(1), host.to(loss_sum.device)])
-    if td.is_initialized() and td.get_world_size() > 1:
-        rows = row.new_empty(td.get_world_size() * len(COLUMNS))
-        _all_gather(rows, row)
-        row = rows
-    return row.cpu().reshape(-1, len(COLUMNS))
+def gather(loss_sum: torch.Tensor, figures: dict[str, float]) -> list[list[float]]:
+    """Every rank's row (COLUMNS), one per rank: one all-gather of len(COLUMNS) numbers per
+    rank, and the interval's one host sync."""
+    mine = [figures[c] for c in COLUMNS[1:]]
+    if not (td.is_initialized() and td.get_world_size() > 1):
+        return [[loss_sum.item(), *mine]]  # alone: no tensor to build (~50 µs an interval)
+    row = torch.tensor([0.0, *mine], dtype=torch.float64).to(loss_sum.device, non_blocking=True)
+    row[0] = loss_sum.detach()  # stays on the device until the gather
+    rows = row.new_empty(td.get_world_size() * len(COLUMNS))
+    _all_gather(rows, row)
+    flat = rows.tolist()
+    return [flat[i : i + len(COLUMNS)] for i in range(0, len(flat), len(COLUMNS))]
 
 
 @dataclass
@@ -147,8 +152,8 @@ class Interval:
     busy: list[float]  # each rank's seconds per step outside the waiting phases
 
 
-def summarize(rows: torch.Tensor) -> Interval:
-    cols = {name: rows[:, i].tolist() for i, name in enumerate(COLUMNS)}
+def summarize(rows: list[list[float]]) -> Interval:
+    cols = dict(zip(COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
     count = sum(cols["loss_count"])
     loss = sum(cols["loss_sum"]) / count if count else float("nan")
     steps = [max(s, 1.0) for s in cols["steps"]]
@@ -185,7 +190,8 @@ class Stragglers:
         lines = []
         for r, busy in enumerate(interval.busy):
             others = interval.busy[:r] + interval.busy[r + 1 :]
-            slow = bool(others) and busy > self.ratio * statistics.median(others)
+            median = statistics.median(others) if others else busy
+            slow = busy > self.ratio * median and busy - median >= STRAGGLER_FLOOR_S
             self.streak[r] = self.streak[r] + 1 if slow else 0
             if self.streak[r] == self.intervals:  # once, as the episode is confirmed
                 lines.append(self._line(r, interval))
