@@ -185,13 +185,15 @@ def test_a_slow_rank_is_the_slowest_and_the_others_wait_in_comm(tmp_path, nproc)
     if nproc == 2:  # three ranks on this machine's 2 cores take turns: real stragglers
         assert not any(line.startswith("straggler:") for line in plain.stdout.splitlines())
     # The others' own work is as before; the 200 ms they lose shows as waiting for rank 1.
-    others = "compute_s_min" if nproc == 2 else "compute_s_median"
-    own = statistics.median(r[others] for r in slowed[1:])
-    unslowed = statistics.median(r["compute_s_median"] for r in base[1:])
     if nproc == 2:
-        assert own == pytest.approx(unslowed, rel=0.2)
+        # The least contended interval of each run: beside another test on this machine's 2
+        # cores, the plain run's 2 busy ranks compete for the cores (medians 51 vs 39 ms seen)
+        # where the slowed run's rank 0 computes while rank 1 sleeps.
+        own = min(r["compute_s_min"] for r in slowed[1:])
+        assert own == pytest.approx(min(r["compute_s_min"] for r in base[1:]), rel=0.2)
     else:  # unslowed, 3 ranks share 2 cores and each computes slower than when one sleeps
-        assert own <= 1.2 * unslowed
+        own = statistics.median(r["compute_s_median"] for r in slowed[1:])
+        assert own <= 1.2 * statistics.median(r["compute_s_median"] for r in base[1:])
     waited = "comm_s_max" if nproc == 2 else "comm_s_median"
     assert statistics.median(r[waited] for r in slowed[1:]) > 0.15
     assert statistics.median(r["comm_s_max"] for r in base[1:]) < 0.05
