@@ -153,6 +153,21 @@ def torchrun_job(module: str, nproc: int, args: list[str], timeout: float, **env
         return json.loads(out.read_text())
 
 
+def main_with_plan(
+    module: str, doc: str | None, quick: str, worker: Callable[[str, Any, int], None],
+    run: Callable[[bool, int, Path], object], argv: list[str] | None,
+) -> None:  # fmt: skip
+    """main() of a benchmark whose rows run in torchrun workers: `run` plans them and starts the
+    workers (`torchrun_job`, passing --plan as JSON), `worker(file, plan, repeats)` measures."""
+    p = parser(module, doc, quick)
+    p.add_argument("--plan", help="what the workers measure (internal, JSON)")
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.worker, json.loads(args.plan), args.repeats)
+    else:
+        run(args.quick, args.repeats, args.out)
+
+
 def parser(
     module: str, doc: str | None, quick: str, repeats: str = "timed passes per figure (>= 5)"
 ) -> argparse.ArgumentParser:

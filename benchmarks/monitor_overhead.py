@@ -31,7 +31,15 @@ from unittest import mock
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.common import describe, machine, parser, save, spread, summarize, torchrun_job
+from benchmarks.common import (
+    describe,
+    machine,
+    main_with_plan,
+    save,
+    spread,
+    summarize,
+    torchrun_job,
+)  # fmt: skip
 from benchmarks.train_throughput import Case
 from distnn import config, monitor, parallel
 from distnn.engine import Engine
@@ -167,17 +175,8 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser(
-        "benchmarks.monitor_overhead",
-        __doc__,
-        "a CI-sized run (few steps)",
-    )
-    p.add_argument("--plan", help="the 2-process rows (internal)")
-    args = p.parse_args(argv)
-    if args.worker:
-        worker(args.worker, json.loads(args.plan), args.repeats)
-        return
-    run(args.quick, args.repeats, args.out)
+    main_with_plan("benchmarks.monitor_overhead", __doc__, "a CI-sized run (few steps)", worker,
+                   run, argv)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from distnn import checkpoint_remote, fsio, safeload, storage
 from distnn.checkpoint_files import NAME, STATE, export, load_file, step_of
 from distnn.config import CkptConfig
 from distnn.errors import UserError, cli, reason
-from distnn.parallel.dist import all_true, barrier
+from distnn.parallel.dist import all_true, barrier, gather_objects
 
 
 def rng_state() -> dict[str, Any]:
@@ -57,22 +57,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])  # the current device: this rank's
 
 
-def _gather(obj: Any) -> list[Any]:
-    """`obj` from every rank, in rank order."""
-    if not (td.is_initialized() and td.get_world_size() > 1):
-        return [obj]
-    objs: list[Any] = [None] * td.get_world_size()
-    td.all_gather_object(objs, obj)
-    return objs
-
-
 class RankRNG:
     """Every rank's random generators as one stateful piece of a checkpoint: saved in rank
     order (a collective: dropout masks differ per rank), each rank restoring its own; a rank
     beyond those saved (a larger world) keeps its seeding."""
 
     def state_dict(self) -> list[dict[str, Any]]:
-        return _gather(rng_state())
+        return gather_objects(rng_state())
 
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
         rank = td.get_rank() if td.is_initialized() else 0
@@ -201,7 +192,8 @@ class Manager:
     def _save_directory(
         self, state: dict[str, Any], path: Path, save_shards: Callable[[Path], None]
     ) -> None:
-        tmp = _gather(fsio.temp_path(path))[0]  # rank 0's fresh name, where every rank writes
+        # Rank 0's fresh name, where every rank writes.
+        tmp = gather_objects(fsio.temp_path(path))[0]
 
         def prepare() -> None:
             if self.writes:
@@ -235,7 +227,7 @@ class Manager:
             error = str(e)
         except Exception as e:  # a write that failed some other way still ends every rank
             error = f"cannot write {path}: {reason(e)}"
-        error = next((e for e in _gather(error) if e is not None), None)
+        error = next((e for e in gather_objects(error) if e is not None), None)
         if error is not None:
             if self.writes:
                 fsio.remove(tmp)
@@ -345,10 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m distnn.checkpoint")
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser(
-        "export", help="write the weights as safetensors (+ .json) from a checkpoint"
+        "export", help="write the weights as safetensors, or the model as ONNX (+ .json)"
     )
     ex.add_argument("source", help="run directory or checkpoint file")
-    ex.add_argument("out", help="output .safetensors path (the .json goes beside it)")
+    ex.add_argument("out", help="output .safetensors or .onnx path (the .json goes beside it)")
     ex.add_argument(
         "--weights",
         choices=("model", "ema"),
@@ -362,7 +354,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     weights = None if args.weights is None else args.weights == "ema"
-    out = export(args.source, args.out, weights, safeload.Trust("--trust", args.trust))
+    trust = safeload.Trust("--trust", args.trust)
+    out = Path(args.out)
+    if out.suffix == ".onnx":
+        from distnn import export_onnx  # imports torch.onnx: only for this command
+
+        meta = export_onnx.export(args.source, out, weights, trust)
+        print(f"exported {out} and {out.with_suffix('.json')} (onnxruntime's logits within "
+              f"{meta['max_abs_diff']:.2g} of torch's)")  # fmt: skip
+        return
+    out = export(args.source, out, weights, trust)
     print(f"exported {out} and {out.with_suffix('.json')}")
 
 

@@ -93,7 +93,9 @@ def export(
     (default: the run's ckpt.export_ema)."""
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise UserError(f"export writes safetensors: name the output *.safetensors, not {out}")
+        raise UserError(
+            f"export writes safetensors or ONNX: name the output *.safetensors or *.onnx, not {out}"
+        )
     state = load_file(source, trust)
     cfg = state["config"]
     if ema is None:
@@ -126,6 +128,8 @@ def load_any(path: str | Path, trust: safeload.Trust = UNTRUSTED) -> dict[str, A
             raise UserError(f"{str(meta_path)!r} is not JSON: {e}") from None
         if path.suffix == ".safetensors":
             return {**meta, "model": safeload.safetensors_file(path)}
+        if path.suffix == ".onnx":  # run by onnxruntime (export_onnx.Session), not loaded here
+            return {**meta, "onnx": str(path)}
         return {**meta, "model": safeload.torch_file(path, trust, "export")}
     state = None if path.suffix == ".safetensors" else load_file(path, trust)
     if not (isinstance(state, dict) and "strategy" in state):

@@ -449,3 +449,23 @@ def _digits_shards(path: Path) -> None:
 def digits_shards(tmp_path_factory) -> Path:
     """The bundled digits in shards of 150 (10 train, 3 val), made once per session."""
     return shared(tmp_path_factory, "digits_shards_150", _digits_shards)
+
+
+def digits_trained(tmp_path_factory, shards: Path, model: str, *overrides: str) -> Path:
+    """A short run of `model` on the digits shards in one process, once per session."""
+
+    def build(path: Path) -> str:
+        r = run_cli("-m", "distnn.train", "--config", "configs/digits.yaml", *FAST,
+                    f"data.root={shards}", f"run.dir={path.parent}", f"run.name={path.name}",
+                    f"model.name={model}", "ckpt.resume=never", *overrides,
+                    timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    return shared(tmp_path_factory, f"digits_{model.replace(':', '_')}", build)
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory, digits_shards) -> Path:
+    """One epoch of the tutorial CNN on the digits shards (what predict and evaluate read)."""
+    return digits_trained(tmp_path_factory, digits_shards, "tutorial_cnn", "train.epochs=1")

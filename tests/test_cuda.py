@@ -301,3 +301,28 @@ def test_nccl_collectives_are_in_the_flight_recorder(tmp_path):
     r = run_cli("-c", script, timeout=100)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "LAST nccl:all_reduce #" in r.stdout, r.stdout
+
+
+def test_predict_on_the_gpu_agrees_with_the_cpu(make_cfg, tmp_path):
+    """distnn.predict on CUDA (pinned batches, the side-stream prefetcher, channels_last, bf16
+    autocast, evaluate's all-reduce over NCCL) against the CPU's fp32 file."""
+    import csv
+
+    from distnn.evaluate import main as evaluate
+    from distnn.predict import main as predict
+
+    cfg = make_cfg("run.name=p", "train.max_steps=20", "data.synthetic_val=200")
+    train(cfg)
+    run = str(cfg.run_dir)
+    predict(["--checkpoint", run, "--output", str(tmp_path / "cpu.csv"), "--device", "cpu"])
+    predict(["--checkpoint", run, "--output", str(tmp_path / "gpu.csv"), "--channels-last",
+             "--precision", "bf16"])  # fmt: skip
+    rows = [list(csv.DictReader((tmp_path / f"{d}.csv").read_text().splitlines()))
+            for d in ("cpu", "gpu")]  # fmt: skip
+    assert [r["key"] for r in rows[0]] == [r["key"] for r in rows[1]] and len(rows[0]) == 200
+    same = sum(a["class_1"] == b["class_1"] for a, b in zip(*rows, strict=True))
+    assert same >= 196  # bf16 may flip a near tie
+    for a, b in zip(*rows, strict=True):
+        assert float(a["prob_1"]) == pytest.approx(float(b["prob_1"]), abs=0.03)
+    report = evaluate(["--checkpoint", run, "--output", str(tmp_path / "eval")])
+    assert report["samples"] == 200

@@ -228,7 +228,8 @@ def test_big_image_in_an_imagefolder_and_predict(tmp_path, big_png, clean_peak, 
     line = one_line_error(main, [*run, "run.name=raise", "data.on_error=raise"], capfd)
     assert str(huge) in line and "12000 × 12000" in line and "data.max_pixels" in line
     # Prediction reads with the default limit.
-    line = one_line_error(predict.main, ["--checkpoint", str(tmp_path / "skip"), str(huge)], capfd)
+    line = one_line_error(predict.main, ["--checkpoint", str(tmp_path / "skip"), str(huge),
+                                         "data.on_error=raise"], capfd)  # fmt: skip
     assert str(huge) in line and "12000 × 12000" in line and "data.max_pixels" in line
 
 

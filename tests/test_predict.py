@@ -38,20 +38,26 @@ def run_and_images(tmp_path_factory):
 def test_predict_names_the_trained_classes(run_and_images, capsys):
     cfg, paths, truth = run_and_images
     results = predict(["--checkpoint", str(cfg.run_dir), "--topk", "3", *map(str, paths)])
-    top1 = [r[0][0] for r in results]
+    top1 = [r["class_1"] for r in results]
     assert sum(p == t for p, t in zip(top1, truth, strict=True)) >= 18
+    assert [r["label"] for r in results] == truth  # from the ImageFolder layout
     for r in results:
-        probs = [p for _, p in r]
-        assert len(r) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        probs = [r[f"prob_{k}"] for k in (1, 2, 3)]
+        assert "prob_4" not in r and probs == sorted(probs, reverse=True)
+        assert sum(probs) <= 1 + 1e-6
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 20 and f"(true: {truth[0]})" in out[0] and top1[0] in out[0]
 
 
-def test_predict_rejects_an_unreadable_image(run_and_images, tmp_path):
+def test_predict_lists_or_rejects_an_unreadable_image(run_and_images, tmp_path):
     cfg, paths, _ = run_and_images
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 this is not a jpeg")
     r = run_cli("-m", "distnn.predict", "--checkpoint", str(cfg.run_dir), str(paths[0]), str(bad))
+    assert r.returncode == 0, r.stderr[-2000:]  # data.on_error=skip: listed with the reason
+    assert r.stdout.splitlines()[1].startswith(f"{bad}: unreadable: ")  # in the given order
+    r = run_cli("-m", "distnn.predict", "--checkpoint", str(cfg.run_dir), str(paths[0]), str(bad),
+                "data.on_error=raise")  # fmt: skip
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line
     assert "broken.jpg" in r.stderr and "Traceback" not in r.stderr

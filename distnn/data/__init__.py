@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Sampler
 from distnn import storage
 from distnn.config import Config, for_world
 from distnn.data import custom, fetch, order, pipeline, sources, transforms
-from distnn.data.errors import Batch, DataErrors, Fatal, PolicyLoader
+from distnn.data.errors import Batch, DataErrors, Fatal, PolicyLoader, Unreadable
 from distnn.data.order import Order, Spec
 from distnn.data.sources import MAX_PIXELS, Split, decode_rgb
 from distnn.data.streams import StreamOrder
@@ -49,7 +49,8 @@ class Reader(torch.utils.data.Dataset):
                 problems.append(Fatal(e))
                 break
             except Exception as e:  # PIL alone raises OSError, SyntaxError, ValueError, zlib.error
-                problems.append(f"{self.split.where(i)}: {reason(e)}")
+                why = reason(e)
+                problems.append(Unreadable(f"{self.split.where(i)}: {why}", i, why))
                 continue
             images.append(image)
             labels.append(label)
@@ -134,7 +135,7 @@ def _order(
     return order.ShardOrder(split.blocks, *shape, train)
 
 
-def _dataset(cfg: Config, env: Env, datasets: tuple[Any, Any] | None) -> sources.Dataset:
+def open_dataset(cfg: Config, env: Env, datasets: tuple[Any, Any] | None = None) -> sources.Dataset:
     """Every source as a Dataset of Splits: given in Python, shards, built-in, or an import path
     (the package, not sources.py, knows them all: sources.py stays the leaf the others import)."""
     if datasets is not None:
@@ -148,6 +149,16 @@ def _dataset(cfg: Config, env: Env, datasets: tuple[Any, Any] | None) -> sources
     return custom.load(cfg.data, cfg.model.num_classes)
 
 
+def eval_loader(
+    split: Split, source: str, cfg: Config, sampler: Sampler, errors: DataErrors,
+    pin_memory: bool = False,
+) -> PolicyLoader:  # fmt: skip
+    """Prediction's loader over any split: the eval transform of `cfg.data`, `sampler`'s
+    batches (order.Parts), yielding (uint8 images, labels, sample indices)."""
+    reader = Reader(split, EvalTransform(cfg.data.image_size), source, cfg.data.max_pixels)
+    return _loader(reader, sampler, cfg, pin_memory, errors, train=False, indices=True)
+
+
 def build(
     cfg: Config,
     env: Env,
@@ -159,7 +170,7 @@ def build(
     `indices`, they yield (images, labels, sample indices): which samples a batch holds."""
     cfg = for_world(cfg, env.world_size, env.local_world_size)  # as train() runs it
     d, t = cfg.data, cfg.train
-    ds = _dataset(cfg, env, datasets)
+    ds = open_dataset(cfg, env, datasets)
     shape = (t.batch_size, env.world_size, env.rank, d.workers, t.seed)
     train_order = _order(ds.train, *shape, t.accum_steps, d.streams)
     if train_order.steps == 0:

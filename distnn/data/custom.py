@@ -78,6 +78,9 @@ class DatasetSplit:
     def where(self, i: int) -> str:
         return f"sample {i}"
 
+    def key(self, i: int) -> str:
+        return str(i)
+
 
 def classes(train: Any, num_classes: int | None, source: str, option: str) -> list[str]:
     """Class names: the dataset's `classes`, else "0".."K-1" for the count K the user gives

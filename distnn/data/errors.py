@@ -33,6 +33,22 @@ class Fatal(str):
     from a worker in the batch's problems."""
 
 
+class Unreadable(str):
+    """A reader's line for a sample it left out, and which sample (prediction lists it in its
+    output with the reason)."""
+
+    index: int
+    reason: str
+
+    def __new__(cls, line: str, index: int, why: str) -> Unreadable:
+        self = super().__new__(cls, line)
+        self.index, self.reason = index, why
+        return self
+
+    def __reduce__(self) -> tuple:  # back from a worker with its index
+        return Unreadable, (str(self), self.index, self.reason)
+
+
 @dataclass
 class DataErrors:
     """Unreadable samples skipped on this rank (cumulative): what the monitor logs."""
@@ -40,11 +56,14 @@ class DataErrors:
     skipped: int = 0
     last: str = ""
     recent: list[str] = field(default_factory=list)
+    listed: list[str] | None = None  # every line, for a consumer that drains them (predict)
 
     def add(self, problems: list[str]) -> None:
         self.skipped += len(problems)
         self.last = problems[-1]
         self.recent = (self.recent + problems)[-20:]
+        if self.listed is not None:
+            self.listed += problems
         log.warning(
             "warning: skipped %d unreadable sample(s), %d so far: %s",
             len(problems), self.skipped, problems[0],

@@ -184,4 +184,37 @@ class ShardOrder(Sampler[Spec]):
         return [c[j] for j in range(longest) for c in chunks if j < len(c)]
 
 
+def part_size(n: int, batch_size: int) -> int:
+    """Samples per prediction part, from n and the batch alone (a part is the same samples at
+    any world size): about n / 1024 for large splits (up to 4096), else a batch, but no more
+    than n / 64, so that a small split still makes 64 parts for up to 64 ranks."""
+    return min(4096, max(-(-n // 1024), min(batch_size, n // 64), 1))
+
+
+class Parts(Sampler[Spec]):
+    """Prediction's order: the samples in index order cut into parts of `size`, part p to rank
+    p mod world, each part in batches of consecutive indices (a shard's members are read in
+    turn). Every sample once, nothing padded, and a part is the
+    same samples at any world size: a rerun skips the parts in `done` whoever wrote them."""
+
+    def __init__(self, n: int, batch_size: int, size: int, world_size: int, rank: int,
+                 done: frozenset[int] = frozenset()) -> None:  # fmt: skip
+        self.n, self.batch_size, self.size = n, batch_size, size
+        self.count = -(-n // size)
+        self.mine = [p for p in range(rank, self.count, world_size) if p not in done]
+
+    def sizes(self) -> list[int]:
+        """Samples in each of this rank's parts."""
+        return [min(self.n, (p + 1) * self.size) - p * self.size for p in self.mine]
+
+    def __len__(self) -> int:
+        return sum(-(-s // self.batch_size) for s in self.sizes())
+
+    def __iter__(self) -> Iterator[Spec]:
+        for p in self.mine:
+            end = min(self.n, (p + 1) * self.size)
+            for b in range(p * self.size, end, self.batch_size):
+                yield 0, np.arange(b, min(b + self.batch_size, end), dtype=np.int64)
+
+
 Order = TrainBatches | EvalBatches | ShardOrder

@@ -89,6 +89,10 @@ class ShardSplit:
         s, m = self.locate(i)
         return f"shard {self.shards[s].file} member {m}"
 
+    def key(self, i: int) -> str:
+        s, m = self.locate(i)
+        return f"{self.shards[s].file}:{m}"
+
     def sample(self, i: int) -> tuple[bytes, int]:
         """Image bytes and label of sample i."""
         s, m = self.locate(i)

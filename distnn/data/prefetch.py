@@ -2,7 +2,8 @@
 
 On CUDA the copy of batch t+1 runs on a side stream while batch t computes (pinned host memory
 makes the copy truly asynchronous); uint8 travels over PCIe, a quarter of float32's bytes. On
-CPU it is a plain loop that converts and normalises.
+CPU it is a plain loop that converts and normalises. What a batch holds beyond (images,
+labels), such as sample indices, passes through on the host.
 """
 
 from __future__ import annotations
@@ -37,19 +38,19 @@ class DevicePrefetcher:
         x = x.contiguous(memory_format=self.memory_format)
         return (x.float() - self.mean) * self.inv_std, y
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.stream is None:
-            for x, y in self.loader:
-                yield self._convert(x, y)
+            for x, y, *rest in self.loader:
+                yield *self._convert(x, y), *rest
             return
         yield from self._cuda_iter()
 
-    def _cuda_iter(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _cuda_iter(self) -> Iterator[tuple[torch.Tensor, ...]]:
         main = torch.cuda.current_stream(self.device)
         # mean and 1/std were made on the main stream: the side stream reads them only after.
         self.stream.wait_stream(main)
         pending = None
-        for x, y in self.loader:
+        for x, y, *rest in self.loader:
             with torch.cuda.stream(self.stream):
                 ready = self._convert(x, y)
             if pending is not None:
@@ -59,6 +60,6 @@ class DevicePrefetcher:
             # caching allocator, or it may hand their memory out while still in use.
             for t in ready:
                 t.record_stream(main)
-            pending = ready
+            pending = (*ready, *rest)
         if pending is not None:
             yield pending

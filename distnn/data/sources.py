@@ -31,9 +31,10 @@ class Split(Protocol):
 
     `sample(i)`: sample i as encoded bytes or a file (the Reader decodes them) or an H × W × 3
     uint8 array, and its label; raises for a sample that cannot be read (`data.on_error`).
-    `where(i)`: where sample i lives, for error lines. `blocks`: sample counts of runs of
-    consecutive indices read together (a shard's members), or None where any index is as cheap
-    to read as any other; the order keeps a block's samples together."""
+    `where(i)`: where sample i lives, for error lines; `key(i)`: its name in a predictions
+    file (a file's path, a shard's member, an index), unique in the split. `blocks`: sample
+    counts of runs of consecutive indices read together (a shard's members), or None where any
+    index is as cheap to read as any other; the order keeps a block's samples together."""
 
     blocks: list[int] | None
 
@@ -42,6 +43,8 @@ class Split(Protocol):
     def sample(self, i: int) -> tuple[Encoded | np.ndarray, int]: ...
 
     def where(self, i: int) -> str: ...
+
+    def key(self, i: int) -> str: ...
 
 
 @dataclass
@@ -67,6 +70,9 @@ class ArraySplit:
     def where(self, i: int) -> str:
         return f"sample {i}"
 
+    def key(self, i: int) -> str:
+        return str(i)
+
 
 @dataclass
 class FileSplit:
@@ -91,6 +97,9 @@ class FileSplit:
 
     def where(self, i: int) -> str:
         return f"image {str(self.paths[i])!r}"
+
+    def key(self, i: int) -> str:
+        return str(self.paths[i])
 
 
 @dataclass

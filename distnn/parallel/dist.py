@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as td
@@ -127,13 +128,19 @@ def any_true(flag: bool, device: torch.device) -> bool:
 
 def agree(value: object, what: str, remedy: str) -> None:
     """One line on every rank where the ranks hold different values of `what`."""
-    if not (td.is_initialized() and td.get_world_size() > 1):
-        return
-    values: list[object] = [None] * td.get_world_size()
-    td.all_gather_object(values, value)
+    values = gather_objects(value)
     if any(v != values[0] for v in values):
         each = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
         raise UserError(f"the ranks differ in {what} ({each}): {remedy}")
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (pickled: small things only)."""
+    if not (td.is_initialized() and td.get_world_size() > 1):
+        return [value]
+    values: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(values, value)
+    return values
 
 
 def barrier() -> None:
