@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.ckpt_remote $(if $(filter quick,$(BENCH)),--quick --out benchmarks/results/quick)
 	$(BIN)/python -m benchmarks.monitor_overhead $(if $(filter quick,$(BENCH)),--quick --out benchmarks/results/quick)
 	$(BIN)/python -m benchmarks.predict_throughput $(if $(filter quick,$(BENCH)),--quick --out benchmarks/results/quick)
+	$(BIN)/python -m benchmarks.grad_checkpoint_memory $(if $(filter quick,$(BENCH)),--quick --out benchmarks/results/quick)
 
 # The CUDA tests and GPU benchmark rows (benchmarks/gpu_check.py); without a GPU, one line and
 # exit 0. Not after `setup`: a lent GPU machine has its own torch and no registry to install

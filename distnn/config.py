@@ -65,6 +65,9 @@ class ModelConfig:
     freeze: list[str] = _f([], "parameter name prefixes that do not train (model.freeze=a,b)")
     channels_last: bool = _f(False, "NHWC memory format (faster convs on CUDA tensor cores)")
     compile: bool = _f(False, "torch.compile the model")
+    grad_checkpointing: bool = _f(
+        False, "recompute each block's activations in backward (less memory, ~1.3x compute)"
+    )
 
 
 @dataclass

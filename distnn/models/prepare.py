@@ -13,7 +13,7 @@ from torch import nn
 
 from distnn.config import Config
 from distnn.errors import UserError, reason
-from distnn.models import deferred, factory, init, pretrained, summary
+from distnn.models import deferred, factory, grad_checkpoint, init, pretrained, summary
 
 ModelArg = nn.Module | Callable[..., nn.Module] | None
 
@@ -123,6 +123,8 @@ def prepare(
     if isinstance(built, str):
         notes.append(f"model {cfg.model.name} cannot be built on the meta device ({built}): "
                      "every rank builds it whole, then shards it")  # fmt: skip
+    if cfg.model.grad_checkpointing:  # before any strategy wraps or shards the blocks
+        notes.append(grad_checkpoint.apply(model, cfg.strategy.fsdp.blocks))
     if cfg.model.freeze:
         frozen = freeze(model, cfg.model.freeze)
         notes.append(f"frozen: {frozen} parameter tensors under {', '.join(cfg.model.freeze)}")

@@ -136,6 +136,13 @@ def _check(cfg: Config) -> None:
             f"optim.name={cfg.optim.name} is not available with strategy.name=deepspeed (ZeRO "
             "steps flat partitions, not layers); use strategy.name=ddp or fsdp"
         )
+    if cfg.model.grad_checkpointing:
+        # Under ZeRO-3 a recomputed block gathers its parameters outside DeepSpeed's own
+        # checkpointing (deepspeed.checkpointing), which needs the model written for it.
+        raise UserError(
+            "model.grad_checkpointing=true is not available with strategy.name=deepspeed; use "
+            "strategy.name=fsdp (sharded, with activation checkpointing) or ddp"
+        )
     if cfg.log.tensorboard_graph and cfg.strategy.deepspeed.zero_stage == 3:
         # The trace is a forward on rank 0 alone; under ZeRO-3 it gathers parameters in
         # collectives no other rank joins.
