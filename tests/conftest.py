@@ -48,6 +48,9 @@ TOGETHER = {
     "tests/test_slurm.py": "cluster",
     "tests/test_submit.py": "cluster",
     "tests/test_benchmarks.py": "benchmarks",
+    # Its 2- and 3-rank cases compare phase times with an unslowed run's: 5 processes at once
+    # on 2 cores made the plain runs' compute 1.4x the slowed ones'. One after the other.
+    "tests/test_ranks.py::test_a_slow_rank_is_the_slowest_and_the_others_wait_in_comm": "slow",
 }
 
 
@@ -58,11 +61,12 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class SharedFixturesTogether(LoadScopeScheduling):
-        """Every test its own unit of work, except the groups above: one unit each, sent
-        first (units go out largest first)."""
+        """Every test its own unit of work, except the groups above (files, or one test's
+        parametrised cases): one unit each, sent first (units go out largest first)."""
 
         def _split_scope(self, nodeid: str) -> str:
-            return TOGETHER.get(nodeid.split("::")[0], nodeid)
+            test = nodeid.split("[")[0]  # a parametrised test's cases, or its whole file
+            return TOGETHER.get(test) or TOGETHER.get(nodeid.split("::")[0], nodeid)
 
     return SharedFixturesTogether(config, log)
 

@@ -159,5 +159,7 @@ def test_best_checkpoint_follows_the_ema_metric_and_the_ema_export_predicts(make
     from PIL import Image
 
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(images / "a.png")
-    [[(name, p)]] = predict(["--checkpoint", str(out), "--topk", "1", str(images / "a.png")])
-    assert name in checkpoint.load_file(cfg.run_dir)["classes"] and 0 < p <= 1
+    (row,) = predict(["--checkpoint", str(out), "--topk", "1", str(images / "a.png")])
+    name, p = row["class_1"], row["prob_1"]
+    assert "class_2" not in row and 0 < p <= 1
+    assert name in checkpoint.load_file(cfg.run_dir)["classes"]
