@@ -22,8 +22,8 @@ def rows(path):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("model", ["tutorial_cnn", "resnet18", "timm:mobilenetv3_small_050"])
 def test_onnx_export_predicts_what_torch_predicts(model, tmp_path_factory, digits_shards, tmp_path):
-    run = digits_trained(tmp_path_factory, digits_shards, model, "train.max_steps=12",
-                         "train.batch_size=64")  # fmt: skip
+    run = digits_trained(tmp_path_factory, digits_shards, model, "train.max_steps=3",
+                         "train.batch_size=16")  # fmt: skip
     out = tmp_path / "model.onnx"
     checkpoint_cli(["export", str(run), str(out)])
     meta = json.loads(out.with_suffix(".json").read_text())
