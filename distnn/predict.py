@@ -172,20 +172,22 @@ class Job:
             idx = index.tolist()
             table = rows(logp, y.tolist(), [self.keys[i] for i in idx], idx, self.classes,
                          self.args.topk, self.args.save_probs)  # fmt: skip
-            table += self._unreadable(errors)
-            for row in table:
-                pending.setdefault(row["index"] // self.size, []).append(row)
+            self._add(pending, table + self._unreadable(errors))
             kept += self._flush(pending, below=idx[0] // self.size)
             seen += len(idx)
             progress.advance(len(idx))
             if fault is not None:  # kill@step:N,rank:R: after the rank's N-th batch
                 fault.check(b, self.env.rank)
-        for row in self._unreadable(errors):
-            pending.setdefault(row["index"] // self.size, []).append(row)
+        self._add(pending, self._unreadable(errors))
         kept += self._flush(pending, below=self.count)
         progress.close()
         elapsed = time.perf_counter() - start
         return self._finish(kept, seen, elapsed, len(mine.mine))
+
+    def _add(self, pending: dict[int, list[Row]], table: list[Row]) -> None:
+        """Rows into their parts' lists, until each part is complete."""
+        for row in table:
+            pending.setdefault(row["index"] // self.size, []).append(row)
 
     def _resume(self) -> frozenset[int]:
         """The parts already written by an earlier run with the same arguments."""
@@ -201,8 +203,8 @@ class Job:
         done = self.parts.done(self.count)
         dist.barrier()  # every rank listed before any writes a part
         if self.env.is_main:
-            left = sum(min(self.n, (q + 1) * self.size) - q * self.size
-                       for q in range(self.count) if q not in done)  # fmt: skip
+            every = order.Parts(self.n, a.batch_size, self.size, 1, 0, done)
+            left = sum(every.sizes())
             print(f"predict: {len(done)} of {self.count} parts already in {a.output}.parts; "
                   f"predicting {self.count - len(done)} parts ({left} samples) on "
                   f"{self.env.world_size} rank(s)", file=sys.stderr, flush=True)  # fmt: skip

@@ -203,9 +203,13 @@ class Parts(Sampler[Spec]):
         self.count = -(-n // size)
         self.mine = [p for p in range(rank, self.count, world_size) if p not in done]
 
+    def samples(self, p: int) -> int:
+        """Samples in part p (the last part may be short)."""
+        return min(self.n, (p + 1) * self.size) - p * self.size
+
     def sizes(self) -> list[int]:
         """Samples in each of this rank's parts."""
-        return [min(self.n, (p + 1) * self.size) - p * self.size for p in self.mine]
+        return [self.samples(p) for p in self.mine]
 
     def __len__(self) -> int:
         return sum(-(-s // self.batch_size) for s in self.sizes())
